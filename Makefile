@@ -1,0 +1,29 @@
+# `make demo` and `make test` set everything up first (once; later runs take seconds).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+DEMO_CONFIG ?= configs/trees/faster_rcnn_R_18_FPN_direct.yaml
+DEMO_OUTPUT ?= output/demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# Only the data files of deepforest are used (the embedded tree-crown dataset).
+	$(PY) -m pip install -q --no-deps deepforest==2.1.0
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) output
