@@ -1,0 +1,167 @@
+"""The project's config node, ``DIRECT_PRETRAIN``, and the config loader.
+
+One config describes the whole pipeline. Everything that differs between phases (input size,
+norms, batch, optimizer, schedule) lives under ``DIRECT_PRETRAIN.<PHASE>``; everything else
+(model, datasets, anchors, ...) is shared and read from the usual Detectron2 keys.
+:func:`projects.direct_pretrain.phases.phase_config` turns one phase node into a plain
+Detectron2 config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from detectron2.config import CfgNode as _D2CfgNode
+from detectron2.config import get_cfg as _d2_get_cfg
+
+__all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "get_cfg", "model_zoo_path"]
+
+CN = _D2CfgNode
+
+# Phase nodes the project defines; DIRECT_PRETRAIN.PIPELINE lists which run, in order.
+PHASE_NAMES = ("PRETRAIN", "FINETUNE")
+MODEL_ZOO_PREFIX = "model_zoo:"
+
+
+def _phase_node(**overrides) -> CN:
+    """A phase node: the keys every phase has, with this phase's defaults."""
+    node = CN()
+    # How the phase's weights start: "scratch" (random init), "previous" (the previous
+    # phase's final model through the checkpoint bridge) or "weights" (MODEL.WEIGHTS).
+    node.INIT = "scratch"
+    # Training resize: "fixed_size_crop" (scale-jitter to fit SCALE, random crop and pad to
+    # CROP_SIZE, the paper's pre-training) or "shortest_edge" (MIN/MAX_SIZE_TRAIN).
+    node.AUGMENTATION = "shortest_edge"
+    # fixed_size_crop: target (height, width) the image is resized to fit, keeping its ratio.
+    node.SCALE = (448, 448)
+    # fixed_size_crop: random factor range applied to SCALE.
+    node.RATIO_RANGE = (0.8, 1.2)
+    # fixed_size_crop: (height, width) of the random crop; smaller images are padded to it.
+    node.CROP_SIZE = (448, 448)
+    # shortest_edge: short-side sizes sampled per image, and the long-side cap.
+    node.MIN_SIZE_TRAIN = (800,)
+    node.MAX_SIZE_TRAIN = 1333
+    # Evaluation resize (short side, long-side cap) for this phase's AP.
+    node.MIN_SIZE_TEST = 800
+    node.MAX_SIZE_TEST = 1333
+    # Horizontal flip during training.
+    node.RANDOM_FLIP = True
+    # Norm of the backbone, the FPN and the heads: "BN", "SyncBN", "naiveSyncBN",
+    # "FrozenBN" (backbone only), "GN" or "" (none). SyncBN runs as naiveSyncBN on CPU.
+    node.BACKBONE_NORM = "BN"
+    node.FPN_NORM = ""
+    node.HEAD_NORM = ""
+    # Backbone stages frozen (0: none). Refused with INIT "scratch".
+    node.FREEZE_AT = 0
+    # Total images per iteration over all processes.
+    node.IMS_PER_BATCH = 16
+    # "SGD" (momentum 0.9) or "AdamW".
+    node.OPTIMIZER = "SGD"
+    node.BASE_LR = 0.02
+    node.WEIGHT_DECAY = 1e-4
+    # Weight decay of norm layers (the paper uses none in pre-training).
+    node.WEIGHT_DECAY_NORM = 0.0
+    # Length in epochs over the training set repeated DATASET_REPEAT times.
+    node.EPOCHS = 12.0
+    node.DATASET_REPEAT = 1
+    # LR drops (x0.1) at these epochs; () keeps the LR fixed after warmup.
+    node.STEP_EPOCHS = (8.0, 11.0)
+    # If > 0, train exactly this many iterations; the LR drops keep their relative position.
+    node.MAX_ITER = 0
+    # Linear warmup: iterations and starting LR factor.
+    node.WARMUP_ITERS = 1000
+    node.WARMUP_FACTOR = 0.001
+    # RoIs sampled per image for the box head (its cost does not shrink with resolution).
+    node.ROI_BATCH_SIZE_PER_IMAGE = 512
+    # Save a checkpoint every this many iterations (and at the end).
+    node.CHECKPOINT_PERIOD = 5000
+    # Mixed precision (GPU only; ignored on CPU).
+    node.AMP = False
+    node.update(overrides)
+    return node
+
+
+def add_direct_pretrain_config(cfg: CN) -> None:
+    """Add the ``DIRECT_PRETRAIN`` node (and defaults the project relies on) to ``cfg``."""
+    cfg.DIRECT_PRETRAIN = CN()
+    node = cfg.DIRECT_PRETRAIN
+    # Phases run by the pipeline, in order.
+    node.PIPELINE = ["PRETRAIN", "FINETUNE"]
+    # Run only this phase (e.g. "PRETRAIN") instead of the whole pipeline; "" runs all.
+    node.PHASE = ""
+    # "config" uses MODEL.PIXEL_MEAN/STD as given; "dataset" computes them on the training
+    # set (cached under CACHE_DIR), for data unlike ImageNet.
+    node.PIXEL_STATS = "config"
+    # Images sampled (evenly) to compute dataset pixel statistics.
+    node.PIXEL_STATS_MAX_IMAGES = 1000
+    # Folder for built datasets and caches; "" means $DIRECT_PRETRAIN_CACHE or
+    # ~/.cache/direct_pretrain.
+    node.CACHE_DIR = ""
+    # COCO-format datasets to register: a list of [name, json_file, image_root].
+    node.REGISTER_COCO = []
+    # What to do with an image that cannot be read: "stop" (error naming it) or "skip".
+    node.BAD_IMAGES = "stop"
+
+    node.BRIDGE = CN()
+    # Re-initialise class-specific predictor layers when the class count differs
+    # (otherwise a shape mismatch there is an error).
+    node.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE = True
+
+    node.PRETRAIN = _phase_node(
+        AUGMENTATION="fixed_size_crop",
+        MIN_SIZE_TEST=448,
+        MAX_SIZE_TEST=448,
+        BACKBONE_NORM="BN",
+        IMS_PER_BATCH=64,
+        BASE_LR=0.08,
+        EPOCHS=12.0,
+        DATASET_REPEAT=4,
+        STEP_EPOCHS=(),
+        WARMUP_ITERS=500,
+        WARMUP_FACTOR=0.01,
+    )
+    node.FINETUNE = _phase_node(
+        INIT="previous",
+        BACKBONE_NORM="FrozenBN",
+        IMS_PER_BATCH=16,
+        BASE_LR=0.02,
+    )
+    # The from-scratch pre-training phase trains every stage with trainable norms.
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.WEIGHTS = ""
+    # Detectron2's "cuda" default; the project falls back to CPU when no GPU is present.
+    cfg.MODEL.DEVICE = "cuda"
+
+
+class CfgNode(_D2CfgNode):
+    """Detectron2's CfgNode that also resolves ``_BASE_: "model_zoo:<path>"``.
+
+    ``<path>`` is a file in Detectron2's model-zoo config folder, e.g.
+    ``model_zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml``; relative ``_BASE_`` paths inside
+    that file resolve inside the model zoo as usual.
+    """
+
+    @classmethod
+    def _open_cfg(cls, filename: str):
+        _, sep, zoo_relative = filename.partition(MODEL_ZOO_PREFIX)
+        if sep:
+            filename = model_zoo_path(zoo_relative)
+        return super()._open_cfg(filename)
+
+
+def model_zoo_path(relative: str) -> str:
+    """Path of a file in Detectron2's model-zoo config folder; raise if it does not exist."""
+    spec = importlib.util.find_spec("detectron2")
+    root = os.path.join(os.path.dirname(spec.origin), "model_zoo", "configs")
+    path = os.path.normpath(os.path.join(root, relative))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{relative}' is not in Detectron2's model zoo ({root})")
+    return path
+
+
+def get_cfg() -> CfgNode:
+    """Detectron2's default config plus the ``DIRECT_PRETRAIN`` node."""
+    cfg = _d2_get_cfg()
+    add_direct_pretrain_config(cfg)
+    return CfgNode(cfg)
