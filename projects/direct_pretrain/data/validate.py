@@ -1,0 +1,118 @@
+"""Check a user's COCO detection file before training on it; repair what is safe to repair.
+
+Errors (a ``DatasetError`` naming the file and the offending ids): no images, no annotations,
+an image without width/height, an annotation whose ``image_id`` or ``category_id`` is not
+declared, a ``bbox`` that is not four numbers.
+
+Repairs (counted and logged; a repaired copy is written to the cache and registered instead,
+so training and evaluation see the same boxes): a box reaching outside its image is clipped to
+it; a box with non-positive width or height, before or after clipping, is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from ..utils.io import atomic_write_json
+
+__all__ = ["DatasetError", "checked_coco_json", "repair_coco"]
+
+logger = logging.getLogger(__name__)
+_MAX_IDS = 10
+
+
+class DatasetError(ValueError):
+    """A dataset file cannot be trained on; the message names the file and the ids."""
+
+
+def _ids(items) -> str:
+    items = sorted(items)
+    more = f" and {len(items) - _MAX_IDS} more" if len(items) > _MAX_IDS else ""
+    return ", ".join(str(i) for i in items[:_MAX_IDS]) + more
+
+
+def _is_box(bbox) -> bool:
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox))
+
+
+def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
+    """Validate ``data`` (a loaded COCO json) and return it repaired, with repair counts.
+
+    Raises:
+        DatasetError: the problems listed in the module docstring.
+    """
+    images = {img["id"]: img for img in data.get("images", [])}
+    annotations = data.get("annotations", [])
+    categories = {c["id"] for c in data.get("categories", [])}
+    if not images:
+        raise DatasetError(f"{source}: no images")
+    if not annotations:
+        raise DatasetError(f"{source}: no annotations (an empty annotation list has nothing "
+                           "to train or evaluate on)")
+    no_size = [i for i, img in images.items() if not (img.get("width") and img.get("height"))]
+    if no_size:
+        raise DatasetError(f"{source}: images without width/height: ids {_ids(no_size)}")
+    problems = {
+        "unknown image_id": [a["id"] for a in annotations if a.get("image_id") not in images],
+        "category_id not in categories":
+            [a["id"] for a in annotations if a.get("category_id") not in categories],
+        "bbox is not 4 finite numbers": [a["id"] for a in annotations if not _is_box(a.get("bbox"))],
+    }
+    for what, bad in problems.items():
+        if bad:
+            raise DatasetError(f"{source}: annotations with {what}: ids {_ids(bad)}"
+                               + (f" (declared categories: {_ids(categories)})"
+                                  if what.startswith("category") else ""))
+
+    counts = {"clipped": 0, "dropped": 0}
+    kept = []
+    for ann in annotations:
+        img = images[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, img["width"]), min(y + h, img["height"])
+        if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
+            counts["dropped"] += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            counts["clipped"] += 1
+            ann = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}
+            if "segmentation" not in ann:
+                ann["area"] = (x1 - x0) * (y1 - y0)
+        kept.append(ann)
+    return {**data, "annotations": kept}, counts
+
+
+def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
+    """The file to register for ``json_file``: itself if valid, else a repaired copy.
+
+    The outcome is cached by the file's path, size and modification time.
+    """
+    stat = os.stat(json_file)
+    key = hashlib.sha256(f"{os.path.abspath(json_file)}|{stat.st_size}|{stat.st_mtime_ns}"
+                         .encode()).hexdigest()[:16]
+    folder = cache_dir / "checked_coco"
+    verdict_file = folder / f"{key}.verdict.json"
+    if verdict_file.is_file():
+        return json.loads(verdict_file.read_text())["use"]
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset '{name}': cannot read '{json_file}' as JSON: {e}") from e
+    repaired, counts = repair_coco(data, f"dataset '{name}' ({json_file})")
+    use = json_file
+    if counts["clipped"] or counts["dropped"]:
+        use = str(folder / f"{key}.repaired.json")
+        atomic_write_json(use, repaired)
+        logger.warning("Dataset '%s' (%s): %d boxes clipped to their image, %d boxes with "
+                       "non-positive size dropped; using the repaired copy %s", name,
+                       json_file, counts["clipped"], counts["dropped"], use)
+    atomic_write_json(verdict_file, {"source": json_file, "use": use, **counts})
+    return use
