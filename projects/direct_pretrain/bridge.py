@@ -1,0 +1,204 @@
+"""Checkpoint bridge: load a pre-trained detector into the model of the next phase.
+
+The next phase's model may differ from the one that was trained: other norm layers
+(trainable BN -> FrozenBN/SyncBN), another class count, another input resolution. The bridge
+copies every weight the target model needs, converts norm layers whose statistics carry over,
+re-initialises class-specific predictor layers when (and only when) the class count changed,
+and reports every key: loaded, converted, re-initialised or ignored. A backbone, FPN or head
+weight that is missing or has another shape is an error naming the key, never a skip.
+
+The result is a plain Detectron2 checkpoint (``{"model": state_dict}``) that starts the next
+phase with a fresh optimizer, scheduler and iteration counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+from .utils.io import atomic_torch_save, atomic_write_json
+
+__all__ = ["BridgeError", "BridgeReport", "bridge_state_dict", "bridge_checkpoint",
+           "load_model_state", "CLASS_SPECIFIC"]
+
+logger = logging.getLogger(__name__)
+
+# Layers whose shape depends on the number of classes.
+CLASS_SPECIFIC = re.compile(
+    r"(box_predictor(\.\d+)?\.(cls_score|bbox_pred)|mask_head\.predictor|head\.cls_score)"
+    r"\.(weight|bias)$"
+)
+_BN_STATS = ("running_mean", "running_var")
+_MAX_LISTED = 20
+
+
+class BridgeError(ValueError):
+    """The checkpoint does not fit the target model; the message names the keys."""
+
+
+@dataclass
+class BridgeReport:
+    """What happened to every key. ``converted`` maps a norm module to its conversion."""
+
+    source: str = ""
+    loaded: list[str] = field(default_factory=list)
+    converted: dict[str, str] = field(default_factory=dict)
+    reinitialised: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"bridge from {self.source or 'state dict'}: {len(self.loaded)} loaded, "
+                f"{len(self.converted)} norm layers converted, {len(self.reinitialised)} "
+                f"re-initialised, {len(self.ignored)} ignored")
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n  ".join(items[:_MAX_LISTED])
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"\n  {shown}{more}"
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a Detectron2 checkpoint (``.pth``), loaded safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise BridgeError(f"checkpoint '{path}' cannot be read as a torch file: {e}") from e
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BridgeError(f"checkpoint '{path}' holds no model state dict")
+    # Checkpoints saved from a DistributedDataParallel model carry a "module." prefix.
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    kinds = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _has_stats(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
+
+
+def bridge_state_dict(
+    source: Mapping[str, torch.Tensor],
+    target: nn.Module,
+    *,
+    reinit_on_class_change: bool = True,
+    drop: Iterable[str] = (),
+    source_name: str = "",
+) -> tuple[dict[str, torch.Tensor], BridgeReport]:
+    """Map ``source`` weights onto ``target``'s state dict.
+
+    Args:
+        source: state dict of the trained model.
+        target: the model of the next phase (its own initial values fill re-initialised keys).
+        reinit_on_class_change: re-initialise class-specific predictor layers whose shape
+            differs or that the source lacks; otherwise that is an error.
+        drop: regular expressions of target keys to re-initialise whatever the source holds.
+        source_name: shown in the report.
+
+    Returns:
+        The complete state dict for ``target`` and the report.
+
+    Raises:
+        BridgeError: a target weight is missing or mis-shaped (outside the predictor), or a
+            norm layer cannot be converted.
+    """
+    report = BridgeReport(source=source_name)
+    target_state = target.state_dict()
+    norms = _norm_modules(target)
+    drop_patterns = [re.compile(p) for p in drop]
+    out: dict[str, torch.Tensor] = {}
+    errors: list[str] = []
+
+    for name, module in norms.items():
+        src_has_stats = f"{name}.running_mean" in source
+        if src_has_stats and not _has_stats(module):
+            errors.append(f"{name}: BatchNorm statistics in the checkpoint cannot become "
+                          f"{type(module).__name__} (use BN, SyncBN, naiveSyncBN or FrozenBN)")
+        elif src_has_stats and type(module) is not nn.BatchNorm2d:
+            report.converted[name] = f"BatchNorm -> {type(module).__name__}"
+
+    for key, init in target_state.items():
+        module = key.rpartition(".")[0]
+        reinit_ok = reinit_on_class_change and CLASS_SPECIFIC.search(key)
+        if any(p.search(key) for p in drop_patterns):
+            out[key] = init
+            report.reinitialised[key] = "dropped by request"
+        elif key not in source:
+            if reinit_ok:
+                out[key] = init
+                report.reinitialised[key] = "absent from the checkpoint"
+            else:
+                errors.append(f"{key}: missing from the checkpoint")
+        elif source[key].shape != init.shape:
+            shapes = f"{tuple(source[key].shape)} in the checkpoint, {tuple(init.shape)} here"
+            if reinit_ok:
+                out[key] = init
+                report.reinitialised[key] = f"class count changed: {shapes}"
+            else:
+                errors.append(f"{key}: shape {shapes}")
+        else:
+            out[key] = source[key].to(init.dtype)
+            if module not in report.converted:
+                report.loaded.append(key)
+
+    for key in source:
+        if key not in target_state:
+            module = key.rpartition(".")[0]
+            report.ignored[key] = (
+                f"BatchNorm step counter, unused by {type(norms[module]).__name__}"
+                if key.endswith("num_batches_tracked") and module in norms
+                else "not in the target model"
+            )
+    if errors:
+        raise BridgeError(
+            f"checkpoint {source_name or ''} does not fit the model "
+            f"({len(errors)} problem(s); was it trained with another architecture?):"
+            + _listing(errors)
+        )
+    return out, report
+
+
+def bridge_checkpoint(
+    source_path: str | Path,
+    target: nn.Module,
+    output_path: str | Path,
+    *,
+    reinit_on_class_change: bool = True,
+    drop: Iterable[str] = (),
+) -> BridgeReport:
+    """Bridge the checkpoint at ``source_path`` into ``target`` and save it to ``output_path``.
+
+    Writes ``output_path`` (a Detectron2 checkpoint with the model only) and
+    ``<output_path stem>_report.json``, both atomically.
+    """
+    source = load_model_state(source_path)
+    state, report = bridge_state_dict(
+        source, target, reinit_on_class_change=reinit_on_class_change, drop=drop,
+        source_name=str(source_path),
+    )
+    output_path = Path(output_path)
+    atomic_write_json(report_path(output_path), asdict(report))
+    atomic_torch_save({"model": state, "__author__": "direct_pretrain bridge"}, output_path)
+    logger.info(report.summary())
+    for key, why in report.reinitialised.items():
+        logger.info("  re-initialised %s (%s)", key, why)
+    return report
+
+
+def report_path(bridged: str | Path) -> Path:
+    """Where :func:`bridge_checkpoint` writes the report of ``bridged``."""
+    bridged = Path(bridged)
+    return bridged.with_name(f"{bridged.stem}_report.json")

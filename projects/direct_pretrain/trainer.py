@@ -1,0 +1,173 @@
+"""``DirectPretrainTrainer``: Detectron2's DefaultTrainer with per-phase data, model and solver.
+
+It is built from a *phase* config (:func:`direct_pretrain.phases.phase_config`), whose
+Detectron2 keys already hold the phase's norms, sizes and schedule. The trainer adds what
+those keys cannot express: the phase's resize augmentation (also used by PreciseBN, which
+builds its own train loader), the optimizer choice, the evaluator and a wall-clock hook that
+survives resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections import Counter
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (
+    DatasetFromList,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer, HookBase, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+from .checkpoint import SafeCheckpointer
+from .data.mapper import CheckedDatasetMapper
+from .phases import phase_node
+from .utils.env import has_cpp_ops
+
+__all__ = ["DirectPretrainTrainer", "PhaseTimer", "build_train_augmentations", "training_dicts"]
+
+logger = logging.getLogger(__name__)
+
+# Parameters (by their name in their module) never decayed by AdamW: position tables.
+NO_DECAY_PARAMS = ("absolute_pos_embed", "relative_position_bias_table", "pos_embed",
+                   "cls_token")
+
+
+def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
+    """The training augmentations of the phase ``cfg`` belongs to."""
+    node = phase_node(cfg)
+    flip = [T.RandomFlip(horizontal=True, vertical=False)] if node.RANDOM_FLIP else []
+    if node.AUGMENTATION == "fixed_size_crop":
+        low, high = node.RATIO_RANGE
+        height, width = node.SCALE
+        pad_value = float(sum(cfg.MODEL.PIXEL_MEAN) / len(cfg.MODEL.PIXEL_MEAN))
+        return [
+            T.ResizeScale(low, high, height, width),
+            *flip,
+            T.FixedSizeCrop(tuple(node.CROP_SIZE), pad=True, pad_value=pad_value),
+        ]
+    return [T.ResizeShortestEdge(node.MIN_SIZE_TRAIN, node.MAX_SIZE_TRAIN, "choice"), *flip]
+
+
+def training_dicts(cfg: CfgNode) -> list[dict]:
+    """The training set as Detectron2's default train loader reads it."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+
+
+class PhaseTimer(HookBase):
+    """Training wall-clock seconds of a phase, saved in checkpoints so resumes add up."""
+
+    def __init__(self) -> None:
+        self.seconds_before = 0.0
+        self._start = None
+
+    def before_train(self) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        running = time.perf_counter() - self._start if self._start is not None else 0.0
+        return self.seconds_before + running
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds_before = float(state["seconds"])
+
+
+class DirectPretrainTrainer(DefaultTrainer):
+    """DefaultTrainer whose model, loader and optimizer follow the config's current phase."""
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = build_model(cfg)
+        norms = Counter(type(m).__name__ for m in model.modules() if _is_norm(m))
+        logger.info("Phase %s: norm layers %s", cfg.DIRECT_PRETRAIN.PHASE, dict(norms))
+        return model
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        dataset = DatasetFromList(training_dicts(cfg), copy=False)
+        mapper = CheckedDatasetMapper(
+            cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
+        )
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        mapper = CheckedDatasetMapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if phase_node(cfg).OPTIMIZER == "SGD":
+            return build_optimizer(cfg, model)
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            overrides={name: {"weight_decay": 0.0} for name in NO_DECAY_PARAMS},
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_cpp_ops())
+
+    def build_hooks(self):
+        """Default hooks with atomic checkpoints, a resumable timer and recorded evaluation."""
+        self.checkpointer = SafeCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.timer = PhaseTimer()
+        self.eval_results: dict = {}
+        self.eval_seconds = 0.0
+        default = super().build_hooks()
+        return [self.timer] + [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
+            if isinstance(h, hooks.EvalHook) else h
+            for h in default
+        ]
+
+    def _evaluate(self) -> dict:
+        start = time.perf_counter()
+        self.eval_results = self.test(self.cfg, self.model)
+        self.eval_seconds += time.perf_counter() - start
+        return self.eval_results
+
+    def build_writers(self):
+        writers = [CommonMetricPrinter(self.max_iter),
+                   JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        try:
+            from detectron2.utils.events import TensorboardXWriter
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            return writers
+        return [*writers, TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm,
+                               torch.nn.LayerNorm, FrozenBatchNorm2d))
