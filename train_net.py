@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Direct detection pre-training with Detectron2: pre-train -> bridge -> fine-tune -> evaluate.
+
+One command runs every phase listed in DIRECT_PRETRAIN.PIPELINE, each in its own folder under
+OUTPUT_DIR; finished phases are skipped and an interrupted one resumes, so rerunning the same
+command always continues where it stopped (--resume is accepted and implied).
+
+Examples:
+    python train_net.py --config-file configs/trees/faster_rcnn_R_18_FPN_direct.yaml
+    python train_net.py --config-file CFG DIRECT_PRETRAIN.PHASE PRETRAIN   # one phase only
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/x/model_final.pth
+    python train_net.py --config-file CFG --num-gpus 8
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+# Known, harmless deprecation noise from detectron2 v0.6 on recent torch.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+
+import torch.distributed as dist  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from direct_pretrain import get_cfg  # noqa: E402
+from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
+from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
+
+
+def setup(args) -> CfgNode:
+    """Config from the file and the trailing KEY VALUE options; logging and output folder."""
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if comm.is_main_process():
+        ensure_writable_dir(cfg.OUTPUT_DIR)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args) -> dict:
+    cfg = setup(args)
+    if args.eval_only:
+        result = evaluate_weights(cfg, cfg.MODEL.WEIGHTS)
+    else:
+        result = run_pipeline(cfg)
+        if comm.is_main_process():
+            logging.getLogger("detectron2").info("Pipeline summary:\n%s",
+                                                 json.dumps(result, indent=1))
+    if comm.get_world_size() > 1:  # gloo/NCCL threads left running abort the exit
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
