@@ -1,0 +1,94 @@
+"""A tiny end-to-end pipeline: pre-train -> bridge -> fine-tune -> evaluate, then reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def finished(synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_cfg(synthetic_data, out)
+    summary = run_pipeline(cfg)
+    return cfg, out, summary
+
+
+def test_phases_write_checkpoints_metrics_and_summary(finished):
+    _, out, summary = finished
+    for phase in ("pretrain", "finetune"):
+        folder = out / phase
+        assert (folder / "model_final.pth").is_file()
+        assert (folder / "last_checkpoint").read_text() == "model_final.pth"
+        metrics = [json.loads(line) for line in (folder / "metrics.json").read_text().splitlines()]
+        assert any("total_loss" in m for m in metrics)
+        done = json.loads((folder / "phase_done.json").read_text())
+        assert "AP" in done["results"]["bbox"] and done["iterations"] == 2
+    assert (out / "finetune" / "bridged_init.pth").is_file()
+    assert (out / "finetune" / "bridged_init_report.json").is_file()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for phase in ("PRETRAIN", "FINETUNE"):
+        record = summary["phases"][phase]
+        assert {"AP", "AP50", "wall_seconds", "iterations"} <= record.keys()
+        assert record["wall_seconds"] > 0
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    finetuned = torch.load(out / "finetune" / "model_final.pth", weights_only=True)
+    assert final["model"].keys() == finetuned["model"].keys()
+    assert all(torch.equal(final["model"][k], finetuned["model"][k]) for k in final["model"])
+
+
+def test_finetune_starts_from_the_bridged_pretrained_weights(finished):
+    _, out, _ = finished
+    pre = torch.load(out / "pretrain" / "model_final.pth", weights_only=True)["model"]
+    bridged = torch.load(out / "finetune" / "bridged_init.pth", weights_only=True)["model"]
+    key = "backbone.bottom_up.res3.0.conv1.weight"
+    assert torch.equal(pre[key], bridged[key])
+    trained = torch.load(out / "finetune" / "model_final.pth", weights_only=True)
+    assert trained["iteration"] == 1  # fresh counter: 2 iterations of the fine-tune phase
+
+
+def test_rerun_skips_finished_phases(finished):
+    cfg, out, summary = finished
+    stamps = {p: (out / p / "model_final.pth").stat().st_mtime_ns for p in ("pretrain", "finetune")}
+    again = run_pipeline(cfg)
+    assert again["phases"] == summary["phases"]
+    assert stamps == {p: (out / p / "model_final.pth").stat().st_mtime_ns for p in stamps}
+
+
+def test_rerun_with_a_result_changing_config_is_refused(finished):
+    cfg, _, _ = finished
+    cfg = cfg.clone()
+    cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.05
+    with pytest.raises(PhaseStateError, match=r"DIRECT_PRETRAIN\.PRETRAIN\.BASE_LR: 0\.02 -> 0\.05"):
+        run_pipeline(cfg)
+    cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.02
+    cfg.DATALOADER.NUM_WORKERS = 1  # does not change results: accepted
+    run_pipeline(cfg)
+
+
+def test_eval_only(finished):
+    cfg, out, summary = finished
+    results = evaluate_weights(cfg, str(out / "model_final.pth"))
+    assert results["bbox"]["AP"] == pytest.approx(summary["phases"]["FINETUNE"]["AP"])
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        evaluate_weights(cfg, str(Path(out) / "nowhere.pth"))
+
+
+def test_single_phase_runs_need_the_previous_phase(synthetic_data, tmp_path):
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.PHASE = "FINETUNE"
+    with pytest.raises(PhaseStateError, match="PRETRAIN, which has not finished"):
+        run_pipeline(cfg)
+    cfg.DIRECT_PRETRAIN.PHASE = "PRETRAIN"
+    run_pipeline(cfg)
+    cfg.DIRECT_PRETRAIN.PHASE = "FINETUNE"
+    summary = run_pipeline(cfg)
+    assert list(summary["phases"]) == ["FINETUNE"]
+    assert (tmp_path / "finetune" / "bridged_init.pth").is_file()
