@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_cfg
 from detectron2.engine import HookBase
 
+from direct_pretrain.checkpoint import SafeCheckpointer
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.data.mapper import BadImageError
 from direct_pretrain.data.validate import DatasetError, checked_coco_json
@@ -152,7 +153,7 @@ def test_feature_needing_cpp_ops_is_refused(synthetic_data, tmp_path):
 
 
 class _PoisonAfter(HookBase):
-    """Makes every weight NaN after iteration ``n`` (a diverged run)."""
+    """Makes every weight NaN after iteration ``n`` (a diverged optimizer step)."""
 
     def __init__(self, n):
         self.n = n
@@ -170,7 +171,17 @@ def test_non_finite_loss_names_phase_iteration_and_checkpoint(synthetic_data, tm
     cfg.DIRECT_PRETRAIN.PRETRAIN.MAX_ITER = 6
     build_hooks = DirectPretrainTrainer.build_hooks
     monkeypatch.setattr(DirectPretrainTrainer, "build_hooks",
-                        lambda self: [*build_hooks(self), _PoisonAfter(2)])
-    with pytest.raises(FloatingPointError,
-                       match=r"phase PRETRAIN: non-finite loss at iteration 3 .*model_0000002\.pth"):
+                        lambda self: [_PoisonAfter(2), *build_hooks(self)])
+    with pytest.raises(FloatingPointError, match=r"phase PRETRAIN: training diverged at "
+                       r"iteration 2 .*not saving checkpoint 'model_0000002'.*model_0000001\.pth"):
         run_pipeline(cfg)
+    last = (tmp_path / "pretrain" / "last_checkpoint").read_text()
+    state = torch.load(tmp_path / "pretrain" / last, weights_only=True)["model"]
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _PoisonAfter(1)}, tmp_path / "x.pth")
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="x.pth' holds objects other than tensors"):
+        SafeCheckpointer(model).load(str(tmp_path / "x.pth"))

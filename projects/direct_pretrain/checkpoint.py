@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -20,7 +21,7 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     * ``save`` and ``last_checkpoint`` go to a temporary name, are fsynced, then renamed: a run
       killed while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to
-      it, and a partial file is never loaded.
+      it, and a partial file is never loaded. Non-finite weights are never saved.
     * ``.pth`` files are loaded with ``torch.load(weights_only=True)``. Detectron2's legacy
       ``.pkl`` model-zoo files need pickle; they are loaded only when named explicitly (e.g. in
       ``MODEL.WEIGHTS``), with a warning.
@@ -29,7 +30,14 @@ class SafeCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        state = self.model.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # never let a diverged model become the "last good" checkpoint
+            raise FloatingPointError(
+                f"not saving checkpoint '{name}': non-finite weights in {bad[:3]} "
+                f"({len(bad)} tensors); training has diverged"
+            )
+        data = {"model": state}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -46,6 +54,12 @@ class SafeCheckpointer(DetectionCheckpointer):
             logger.warning("Loading %s with pickle (a legacy Detectron2 format): pickle can run "
                            "code, load only files you trust.", filename)
             return super()._load_file(filename)
-        with open(filename, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            with open(filename, "rb") as f:
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"'{filename}' holds objects other than tensors and plain containers; they are "
+                "not unpickled (weights_only loading). Re-save its state dict if you trust it."
+            ) from e
         return loaded if "model" in loaded else {"model": loaded}

@@ -184,9 +184,10 @@ def _run_phase(pcfg: CfgNode) -> dict:
     except FloatingPointError as e:
         last = trainer.checkpointer.get_checkpoint_file() or "none (from the start)"
         raise FloatingPointError(
-            f"phase {pcfg.DIRECT_PRETRAIN.PHASE}: non-finite loss at iteration {trainer.iter} "
-            f"({e}). Last good checkpoint: {last}. Lower the phase's BASE_LR or raise "
-            "WARMUP_ITERS, then rerun: the phase resumes from that checkpoint."
+            f"phase {pcfg.DIRECT_PRETRAIN.PHASE}: training diverged at iteration "
+            f"{trainer.iter} ({e}). Last good checkpoint: {last}. Rerunning resumes from it "
+            "(the data order differs after a resume); if it diverges again, lower the phase's "
+            f"BASE_LR or raise WARMUP_ITERS and restart the phase by deleting {pcfg.OUTPUT_DIR}."
         ) from e
     record = {
         "phase": pcfg.DIRECT_PRETRAIN.PHASE,
