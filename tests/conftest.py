@@ -26,8 +26,10 @@ def write_synthetic_coco(folder: Path, num_images: int, size: int, seed: int) ->
             w, h = rng.integers(size // 6, size // 2, 2)
             x, y = rng.integers(0, size - w), rng.integers(0, size - h)
             image[y : y + h, x : x + w] = rng.integers(150, 255, 3, dtype=np.uint8)
+            x0, y0, x1, y1 = int(x), int(y), int(x + w), int(y + h)
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "bbox": [int(x), int(y), int(w), int(h)], "area": int(w * h),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
                                 "iscrowd": 0, "category_id": 1})
         name = f"img{i:03d}.png"
         Image.fromarray(image).save(folder / "images" / name)
@@ -50,17 +52,30 @@ def synthetic_data(tmp_path_factory) -> dict[str, tuple[str, str]]:
 
 
 def tiny_cfg(synthetic_data, output_dir: Path, cache_dir: Path | None = None):
-    """A pipeline config small enough to train a few iterations in seconds on CPU."""
+    """The demo config made small enough to train a few iterations in seconds on CPU."""
     cfg = get_cfg()
     cfg.merge_from_file(str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml"))
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    return shrink(cfg, synthetic_data, output_dir, cache_dir)
+
+
+def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None):
+    """Any pipeline config on the synthetic data, with tiny images, batches and schedules.
+
+    The architecture is kept; only sizes that cost time without changing code paths shrink.
+    """
     cfg.DIRECT_PRETRAIN.REGISTER_COCO = [
         ["tiny_train", *synthetic_data["train"]], ["tiny_val", *synthetic_data["val"]]
     ]
     cfg.DATASETS.TRAIN = ("tiny_train",)
     cfg.DATASETS.TEST = ("tiny_val",)
     cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    cfg.MODEL.RETINANET.NUM_CLASSES = 1
+    cfg.MODEL.FCOS.NUM_CLASSES = 1
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 200
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 100
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
     cfg.DIRECT_PRETRAIN.CACHE_DIR = str(cache_dir or output_dir / "cache")
@@ -74,9 +89,14 @@ def tiny_cfg(synthetic_data, output_dir: Path, cache_dir: Path | None = None):
         node.MAX_SIZE_TEST = size
         node.IMS_PER_BATCH = batch
         node.MAX_ITER = 2
-        node.WARMUP_ITERS = 1
+        node.WARMUP_ITERS = 2
+        # Two iterations leave BN statistics near their init; a small LR keeps FrozenBN
+        # fine-tuning of deep backbones finite.
+        node.BASE_LR = min(node.BASE_LR, 0.002)
         node.ROI_BATCH_SIZE_PER_IMAGE = 32
         node.CHECKPOINT_PERIOD = 1
+        node.AMP = False
+    cfg.DIRECT_PRETRAIN.PIXEL_STATS = "config"
     cfg.OUTPUT_DIR = str(output_dir)
     return cfg
 

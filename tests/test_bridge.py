@@ -10,8 +10,11 @@ from conftest import tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import ImageList
 
-from direct_pretrain.bridge import BridgeError, bridge_checkpoint, bridge_state_dict, report_path
+from direct_pretrain.bridge import (
+    BridgeError, bridge_checkpoint, bridge_state_dict, report_path, resize_position_table,
+)
 from direct_pretrain.data.datasets import register_datasets
+from direct_pretrain.modeling import TimmSwin
 from direct_pretrain.phases import phase_config
 from direct_pretrain.trainer import DirectPretrainTrainer
 
@@ -126,3 +129,31 @@ def test_unreadable_checkpoint_is_named(phases, tmp_path):
     with pytest.raises(BridgeError, match="broken.pth"):
         bridge_checkpoint(bad, target, tmp_path / "out.pth")
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_swin_window_change_resizes_position_tables():
+    small = TimmSwin("swin_tiny_patch4_window7_224", 7, 0.0, ["res2", "res3", "res4", "res5"])
+    large = TimmSwin("swin_tiny_patch4_window7_224", 12, 0.0, ["res2", "res3", "res4", "res5"])
+    state, report = bridge_state_dict(small.state_dict(), large)
+    before, after = small.state_dict(), large.state_dict()
+    # timm caps the window at a stage's resolution (7 at the last stage of a 224 input).
+    resized = {k for k in after if k.endswith("relative_position_bias_table")
+               and after[k].shape != before[k].shape}
+    assert len(resized) == 10 and set(report.converted) == resized
+    assert all("13x13 -> 23x23" in v for v in report.converted.values())
+    assert all(state[k].shape == after[k].shape for k in resized)
+    large.load_state_dict(state)
+    # Same window: nothing to convert, every weight copied as it is.
+    state, report = bridge_state_dict(small.state_dict(), small)
+    assert not report.converted and len(report.loaded) == len(small.state_dict())
+
+
+def test_position_table_resize_keeps_a_smooth_table():
+    side = 13
+    ramp = torch.linspace(0, 1, side).repeat(side, 1)  # bias grows left to right
+    table = ramp.reshape(-1, 1).repeat(1, 2)
+    resized, note = resize_position_table(table, torch.Size([23 * 23, 2]))
+    grid = resized[:, 0].reshape(23, 23)
+    assert "13x13 -> 23x23" in note
+    assert torch.all(grid[:, 1:] >= grid[:, :-1] - 1e-4)  # still increasing left to right
+    assert grid[:, 0].mean() < 0.05 and grid[:, -1].mean() > 0.95

@@ -110,6 +110,16 @@ def test_numpy_alias_code_paths():
     assert PolygonMasks([[np.array([0, 0, 2, 0, 2, 2.0])]]).nonempty().tolist() == [True]
 
 
+def test_dense_head_with_group_norm():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    head = RetinaNetHead(input_shape=[ShapeSpec(channels=32)] * 2, num_classes=3,
+                         num_anchors=1, conv_dims=[32], norm="GN")
+    logits, deltas = head([torch.rand(1, 32, 8, 8), torch.rand(1, 32, 4, 4)])
+    assert logits[0].shape == (1, 3, 8, 8) and deltas[1].shape == (1, 4, 4, 4)
+
+
 def test_lr_scheduler_hook_saves_torch_schedulers():
     from detectron2.engine import hooks
 

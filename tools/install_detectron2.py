@@ -111,6 +111,14 @@ FIXES: tuple[Fix, ...] = (
         replacement="torch.optim.lr_scheduler.LRScheduler",
     ),
     Fix(
+        key="dense-head-gn-probe",
+        reason="RetinaNetHead (also FCOS's head) probed the norm type with GroupNorm(32, 1), "
+        "which torch now rejects; it probes with 32 channels, as upstream main does",
+        files=("detectron2/modeling/meta_arch/retinanet.py",),
+        pattern=r"norm_name = str\(type\(get_norm\(norm, 1\)\)\)",
+        replacement="norm_name = str(type(get_norm(norm, 32)))",
+    ),
+    Fix(
         key="launch-cpu-gloo",
         reason="launch() asserted CUDA and used NCCL; without a GPU it now uses gloo "
         "(as upstream main does), so multi-process runs work on CPU",

@@ -3,8 +3,11 @@
 The next phase's model may differ from the one that was trained: other norm layers
 (trainable BN -> FrozenBN/SyncBN), another class count, another input resolution. The bridge
 copies every weight the target model needs, converts norm layers whose statistics carry over,
-re-initialises class-specific predictor layers when (and only when) the class count changed,
-and reports every key: loaded, converted, re-initialised or ignored. A backbone, FPN or head
+resizes Swin relative position tables when the attention window changes (the only learned
+resolution-dependent weights of the supported backbones: ResNet has none, and Swin's
+position indices and attention masks are buffers rebuilt for each input size), re-initialises
+class-specific predictor layers when (and only when) the class count changed, and reports every
+key: loaded, converted, re-initialised or ignored. A backbone, FPN or head
 weight that is missing or has another shape is an error naming the key, never a skip.
 
 The result is a plain Detectron2 checkpoint (``{"model": state_dict}``) that starts the next
@@ -14,6 +17,7 @@ phase with a fresh optimizer, scheduler and iteration counter.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Iterable, Mapping
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+from torch.nn import functional as F
 
 from .utils.io import atomic_torch_save, atomic_write_json
 
@@ -35,7 +40,7 @@ CLASS_SPECIFIC = re.compile(
     r"(box_predictor(\.\d+)?\.(cls_score|bbox_pred)|mask_head\.predictor|head\.cls_score)"
     r"\.(weight|bias)$"
 )
-_BN_STATS = ("running_mean", "running_var")
+POSITION_TABLE = "relative_position_bias_table"
 _MAX_LISTED = 20
 
 
@@ -79,6 +84,25 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise BridgeError(f"checkpoint '{path}' holds no model state dict")
     # Checkpoints saved from a DistributedDataParallel model carry a "module." prefix.
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def resize_position_table(table: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, str]:
+    """Resize a Swin relative position bias table ((2W-1)^2, heads) to another window size.
+
+    The table is a (2W-1) x (2W-1) grid of biases per head; it is resized bicubically, as
+    when a Swin model is transferred to another window size.
+    """
+    old_side, new_side = math.isqrt(table.shape[0]), math.isqrt(shape[0])
+    if old_side**2 != table.shape[0] or new_side**2 != shape[0]:
+        raise BridgeError(f"relative position table of shape {tuple(table.shape)} -> "
+                          f"{tuple(shape)} is not a square grid")
+    heads = table.shape[1]
+    grid = table.T.reshape(1, heads, old_side, old_side).float()
+    resized = F.interpolate(grid, size=(new_side, new_side), mode="bicubic",
+                            align_corners=False)
+    note = (f"relative position table {old_side}x{old_side} -> {new_side}x{new_side} "
+            "(window size changed; bicubic)")
+    return resized.reshape(heads, -1).T.contiguous().to(table.dtype), note
 
 
 def _norm_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -144,7 +168,9 @@ def bridge_state_dict(
                 errors.append(f"{key}: missing from the checkpoint")
         elif source[key].shape != init.shape:
             shapes = f"{tuple(source[key].shape)} in the checkpoint, {tuple(init.shape)} here"
-            if reinit_ok:
+            if key.endswith(POSITION_TABLE) and source[key].shape[1:] == init.shape[1:]:
+                out[key], report.converted[key] = resize_position_table(source[key], init.shape)
+            elif reinit_ok:
                 out[key] = init
                 report.reinitialised[key] = f"class count changed: {shapes}"
             else:

@@ -15,6 +15,8 @@ import os
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
+from .modeling import add_fcos_config, add_swin_config
+
 __all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "get_cfg", "model_zoo_path"]
 
 CN = _D2CfgNode
@@ -127,6 +129,8 @@ def add_direct_pretrain_config(cfg: CN) -> None:
         IMS_PER_BATCH=16,
         BASE_LR=0.02,
     )
+    add_fcos_config(cfg)
+    add_swin_config(cfg)
     # The from-scratch pre-training phase trains every stage with trainable norms.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.WEIGHTS = ""

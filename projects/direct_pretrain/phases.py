@@ -34,7 +34,8 @@ _DIRECT_KEYS = {
     "FPN_NORM": "MODEL.FPN.NORM",
 }
 # Head norms: every head config key that takes a norm.
-_HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
+_HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM",
+                   "MODEL.FCOS.NORM")
 _INITS = ("scratch", "previous", "weights")
 _AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
 _OPTIMIZERS = ("SGD", "AdamW")

@@ -134,7 +134,10 @@ class DirectPretrainTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_cpp_ops())
+        tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (
+            ("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                             use_fast_impl=has_cpp_ops())
 
     def build_hooks(self):
         """Default hooks with atomic checkpoints, a resumable timer and recorded evaluation."""
