@@ -65,10 +65,11 @@ def test_rerun_skips_finished_phases(finished):
 def test_rerun_with_a_result_changing_config_is_refused(finished):
     cfg, _, _ = finished
     cfg = cfg.clone()
+    lr = cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR
     cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.05
-    with pytest.raises(PhaseStateError, match=r"DIRECT_PRETRAIN\.PRETRAIN\.BASE_LR: 0\.02 -> 0\.05"):
+    with pytest.raises(PhaseStateError, match=rf"DIRECT_PRETRAIN\.PRETRAIN\.BASE_LR: {lr} -> 0\.05"):
         run_pipeline(cfg)
-    cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.02
+    cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = lr
     cfg.DATALOADER.NUM_WORKERS = 1  # does not change results: accepted
     run_pipeline(cfg)
 
