@@ -2,14 +2,16 @@
 """Direct detection pre-training with Detectron2: pre-train -> bridge -> fine-tune -> evaluate.
 
 One command runs every phase listed in DIRECT_PRETRAIN.PIPELINE, each in its own folder under
-OUTPUT_DIR; finished phases are skipped and an interrupted one resumes, so rerunning the same
-command always continues where it stopped (--resume is accepted and implied).
+the output folder; finished phases are skipped and an interrupted one resumes, so rerunning the
+same command always continues where it stopped (--resume is accepted and implied). Configs are
+yacs .yaml files (overrides: KEY VALUE) or LazyConfig .py files (overrides: a.b=c).
 
 Examples:
     python train_net.py --config-file configs/trees/faster_rcnn_R_18_FPN_direct.yaml
-    python train_net.py --config-file CFG DIRECT_PRETRAIN.PHASE PRETRAIN   # one phase only
-    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/x/model_final.pth
-    python train_net.py --config-file CFG --num-gpus 8
+    python train_net.py --config-file CFG.yaml DIRECT_PRETRAIN.PHASE PRETRAIN   # one phase only
+    python train_net.py --config-file CFG.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python train_net.py --config-file CFG.py DIRECT_PRETRAIN.PRETRAIN.BASE_LR=0.04
+    python train_net.py --config-file CFG.yaml --num-gpus 8
 """
 
 from __future__ import annotations
@@ -23,24 +25,20 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 import torch.distributed as dist  # noqa: E402
-from detectron2.config import CfgNode  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from direct_pretrain import get_cfg  # noqa: E402
+from direct_pretrain.config import load_config  # noqa: E402
+from direct_pretrain.kinds import kind_of  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
 
 
-def setup(args) -> CfgNode:
-    """Config from the file and the trailing KEY VALUE options; logging and output folder."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+def setup(args):
+    """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); logging."""
+    cfg = load_config(args.config_file, args.opts)
     if comm.is_main_process():
-        ensure_writable_dir(cfg.OUTPUT_DIR)
+        ensure_writable_dir(kind_of(cfg).output_dir(cfg))
     default_setup(cfg, args)
     return cfg
 
@@ -48,7 +46,7 @@ def setup(args) -> CfgNode:
 def main(args) -> dict:
     cfg = setup(args)
     if args.eval_only:
-        result = evaluate_weights(cfg, cfg.MODEL.WEIGHTS)
+        result = evaluate_weights(cfg, kind_of(cfg).weights(cfg))
     else:
         result = run_pipeline(cfg)
         if comm.is_main_process():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
 from direct_pretrain import get_cfg
@@ -61,13 +62,40 @@ def tiny_cfg(synthetic_data, output_dir: Path, cache_dir: Path | None = None):
 
 
 def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None):
-    """Any pipeline config on the synthetic data, with tiny images, batches and schedules.
+    """Any pipeline config (yacs or LazyConfig) on the synthetic data, with tiny images,
+    batches and schedules. The architecture is kept; only sizes that cost time shrink."""
+    if not isinstance(cfg, DictConfig):
+        cfg.defrost()
+    node = cfg.DIRECT_PRETRAIN
+    node.REGISTER_COCO = [["tiny_train", *synthetic_data["train"]],
+                          ["tiny_val", *synthetic_data["val"]]]
+    node.CACHE_DIR = str(cache_dir or output_dir / "cache")
+    node.PIXEL_STATS = "config"
+    for phase, size, batch in (("PRETRAIN", 32, 4), ("FINETUNE", 64, 2)):
+        phase_node = node[phase]
+        phase_node.SCALE = [size, size]
+        phase_node.CROP_SIZE = [size, size]
+        phase_node.MIN_SIZE_TRAIN = [size]
+        phase_node.MAX_SIZE_TRAIN = size
+        phase_node.MIN_SIZE_TEST = size
+        phase_node.MAX_SIZE_TEST = size
+        phase_node.IMS_PER_BATCH = batch
+        phase_node.MAX_ITER = 2
+        phase_node.WARMUP_ITERS = 2
+        # Two iterations leave BN statistics near their init; a small LR keeps FrozenBN
+        # fine-tuning of deep backbones finite.
+        phase_node.BASE_LR = min(phase_node.BASE_LR, 0.002)
+        phase_node.ROI_BATCH_SIZE_PER_IMAGE = 32
+        phase_node.CHECKPOINT_PERIOD = 1
+        phase_node.AMP = False
+    if isinstance(cfg, DictConfig):
+        _shrink_lazy(cfg, output_dir)
+    else:
+        _shrink_yacs(cfg, output_dir)
+    return cfg
 
-    The architecture is kept; only sizes that cost time without changing code paths shrink.
-    """
-    cfg.DIRECT_PRETRAIN.REGISTER_COCO = [
-        ["tiny_train", *synthetic_data["train"]], ["tiny_val", *synthetic_data["val"]]
-    ]
+
+def _shrink_yacs(cfg, output_dir: Path) -> None:
     cfg.DATASETS.TRAIN = ("tiny_train",)
     cfg.DATASETS.TEST = ("tiny_val",)
     cfg.DATALOADER.NUM_WORKERS = 0
@@ -78,27 +106,22 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 100
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
-    cfg.DIRECT_PRETRAIN.CACHE_DIR = str(cache_dir or output_dir / "cache")
-    for phase, size, batch in (("PRETRAIN", 32, 4), ("FINETUNE", 64, 2)):
-        node = cfg.DIRECT_PRETRAIN[phase]
-        node.SCALE = (size, size)
-        node.CROP_SIZE = (size, size)
-        node.MIN_SIZE_TRAIN = (size,)
-        node.MAX_SIZE_TRAIN = size
-        node.MIN_SIZE_TEST = size
-        node.MAX_SIZE_TEST = size
-        node.IMS_PER_BATCH = batch
-        node.MAX_ITER = 2
-        node.WARMUP_ITERS = 2
-        # Two iterations leave BN statistics near their init; a small LR keeps FrozenBN
-        # fine-tuning of deep backbones finite.
-        node.BASE_LR = min(node.BASE_LR, 0.002)
-        node.ROI_BATCH_SIZE_PER_IMAGE = 32
-        node.CHECKPOINT_PERIOD = 1
-        node.AMP = False
-    cfg.DIRECT_PRETRAIN.PIXEL_STATS = "config"
     cfg.OUTPUT_DIR = str(output_dir)
-    return cfg
+
+
+def _shrink_lazy(cfg, output_dir: Path) -> None:
+    cfg.dataloader.train.dataset.names = "tiny_train"
+    cfg.dataloader.test.dataset.names = "tiny_val"
+    cfg.dataloader.train.num_workers = 0
+    cfg.dataloader.test.num_workers = 0
+    model = cfg.model
+    if "roi_heads" in model:
+        model.roi_heads.num_classes = 1
+        model.proposal_generator.update(pre_nms_topk=[200, 100], post_nms_topk=[100, 50])
+    else:
+        model.num_classes = 1
+    cfg.train.output_dir = str(output_dir)
+    cfg.train.device = "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Every shipped config loads, resolves each of its phases and builds each phase's model."""
+"""Every shipped config (yacs and LazyConfig) loads, resolves each phase and builds its model."""
 
 from __future__ import annotations
 
@@ -8,25 +8,34 @@ import pytest
 from conftest import ROOT
 
 from direct_pretrain import get_cfg
-from direct_pretrain.config import model_zoo_path
-from direct_pretrain.phases import active_phases, phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer
+from direct_pretrain.config import load_config, model_zoo_path
+from direct_pretrain.kinds import kind_of
+from direct_pretrain.phases import active_phases
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Runnable configs; Base-*.yaml and common/*.py are pieces other configs inherit.
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*")
+    if p.suffix in (".yaml", ".py") and not p.name.startswith("Base-") and "common" not in p.parts
+)
+
+
+def config_id(path: Path) -> str:
+    return str(path.relative_to(ROOT / "configs"))
 
 
 def test_configs_are_shipped():
-    assert len(CONFIGS) >= 4
+    assert sum(p.suffix == ".yaml" for p in CONFIGS) >= 12
+    assert sum(p.suffix == ".py" for p in CONFIGS) >= 6
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("path", CONFIGS, ids=config_id)
 def test_config_loads_and_builds(path: Path):
-    cfg = get_cfg()
-    cfg.merge_from_file(str(path))
+    cfg = load_config(str(path))
+    kind = kind_of(cfg)
     for phase in active_phases(cfg):
-        pcfg = phase_config(cfg, phase, num_train_images=1000)
-        assert pcfg.SOLVER.MAX_ITER > 0
-        model = DirectPretrainTrainer.build_model(pcfg)
+        pcfg = kind.phase_config(cfg, phase, num_images=1000)
+        assert pcfg.DIRECT_PRETRAIN.PHASE == phase
+        model = kind.build_model(pcfg, on_cpu=True)
         assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -40,6 +49,22 @@ def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("DIRECT_PRETRAIN:\n  PRETRAIN:\n    BASE_LRR: 0.1\n")
     with pytest.raises(KeyError, match="DIRECT_PRETRAIN.PRETRAIN.BASE_LRR"):
-        get_cfg().merge_from_file(str(bad))
+        load_config(str(bad))
     with pytest.raises(ValueError, match="DIRECT_PRETRAIN.PRETRAIN.IMS_PER_BATCH"):
         get_cfg().merge_from_list(["DIRECT_PRETRAIN.PRETRAIN.IMS_PER_BATCH", "many"])
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        load_config(str(tmp_path / "nowhere.yaml"))
+
+
+LAZY_DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
+
+
+def test_lazy_overrides_are_checked():
+    cfg = load_config(LAZY_DEMO, ["DIRECT_PRETRAIN.PRETRAIN.EPOCHS=12", "train.max_iter=7"])
+    assert cfg.DIRECT_PRETRAIN.PRETRAIN.EPOCHS == 12 and cfg.train.max_iter == 7
+    with pytest.raises(KeyError, match="Non-existent config key: train.max_itr"):
+        load_config(LAZY_DEMO, ["train.max_itr=3"])
+    with pytest.raises(KeyError, match="DIRECT_PRETRAIN.PRETRAIN.BASE_LRR"):
+        load_config(LAZY_DEMO, ["+DIRECT_PRETRAIN.PRETRAIN.BASE_LRR=0.1"])
+    with pytest.raises(ValueError, match="DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH: 'many'"):
+        load_config(LAZY_DEMO, ["DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH=many"])

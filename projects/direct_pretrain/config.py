@@ -17,7 +17,8 @@ from detectron2.config import get_cfg as _d2_get_cfg
 
 from .modeling import add_fcos_config, add_swin_config
 
-__all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "get_cfg", "model_zoo_path"]
+__all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "check_lazy_node", "get_cfg",
+           "load_config", "model_zoo_path"]
 
 CN = _D2CfgNode
 
@@ -169,3 +170,69 @@ def get_cfg() -> CfgNode:
     cfg = _d2_get_cfg()
     add_direct_pretrain_config(cfg)
     return CfgNode(cfg)
+
+
+def check_lazy_node(node, schema: CN | None = None, prefix: str = "DIRECT_PRETRAIN") -> None:
+    """Check a LazyConfig's ``DIRECT_PRETRAIN`` against the yacs node: keys and value types.
+
+    Raises:
+        KeyError / ValueError naming the key.
+    """
+    schema = get_cfg().DIRECT_PRETRAIN if schema is None else schema
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if key not in schema:
+            raise KeyError(f"Non-existent config key: {name}")
+        expected = schema[key]
+        if isinstance(expected, CN):
+            check_lazy_node(value, expected, name)
+        elif not _same_type(expected, value):
+            raise ValueError(f"config key {name}: {value!r} is not of the type of its default "
+                             f"{expected!r}")
+
+
+def _same_type(default, value) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+    return isinstance(value, type(default))
+
+
+def load_config(path: str, opts: list[str] = ()):
+    """Load a yacs ``.yaml`` or a LazyConfig ``.py`` config and apply command-line overrides.
+
+    yacs takes ``KEY VALUE`` pairs, LazyConfig ``a.b=c``; a LazyConfig override of a key the
+    config does not have is refused (Detectron2 would add it silently).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file '{path}' not found")
+    if not path.endswith(".py"):
+        cfg = get_cfg()
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(opts))
+        cfg.freeze()
+        return cfg
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    cfg = LazyConfig.load(path)
+    for opt in opts:
+        key, sep, _ = opt.partition("=")
+        if not sep:
+            raise ValueError(f"LazyConfig override '{opt}' is not of the form a.b=c")
+        if OmegaConf.select(cfg, key.lstrip("+"), default=_MISSING) is _MISSING and not \
+                key.startswith("+"):
+            raise KeyError(f"Non-existent config key: {key} (in {path}; prefix it with '+' "
+                           "to add a new key)")
+    cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in opts])
+    if "DIRECT_PRETRAIN" not in cfg:
+        raise KeyError(f"{path} defines no DIRECT_PRETRAIN node (use "
+                       "direct_pretrain.lazy.default_direct_pretrain())")
+    check_lazy_node(cfg.DIRECT_PRETRAIN)
+    return cfg
+
+
+_MISSING = object()

@@ -11,7 +11,8 @@ from detectron2.config import CfgNode
 
 from .config import PHASE_NAMES
 
-__all__ = ["active_phases", "phase_config", "phase_node", "PhaseConfigError"]
+__all__ = ["active_phases", "phase_config", "phase_node", "schedule", "validate_phase",
+           "PhaseConfigError"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class PhaseConfigError(ValueError):
     """A phase setting is invalid or unsafe; the message names the key."""
 
 
-def active_phases(cfg: CfgNode) -> list[str]:
+def active_phases(cfg) -> list[str]:
     """Phases to run: ``DIRECT_PRETRAIN.PHASE`` alone if set, else ``PIPELINE`` in order."""
     node = cfg.DIRECT_PRETRAIN
     phases = [node.PHASE] if node.PHASE else list(node.PIPELINE)
@@ -60,7 +61,7 @@ def active_phases(cfg: CfgNode) -> list[str]:
     return phases
 
 
-def phase_node(cfg: CfgNode) -> CfgNode:
+def phase_node(cfg):
     """The node of the phase a resolved phase config belongs to."""
     return cfg.DIRECT_PRETRAIN[cfg.DIRECT_PRETRAIN.PHASE]
 
@@ -78,7 +79,8 @@ def _set(cfg: CfgNode, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def _validate(phase: str, node: CfgNode) -> None:
+def validate_phase(phase: str, node) -> None:
+    """Raise :class:`PhaseConfigError` naming the key of an invalid or unsafe phase setting."""
     key = f"DIRECT_PRETRAIN.{phase}"
     for field, allowed in (("INIT", _INITS), ("AUGMENTATION", _AUGMENTATIONS),
                            ("OPTIMIZER", _OPTIMIZERS)):
@@ -107,7 +109,7 @@ def _validate(phase: str, node: CfgNode) -> None:
         raise PhaseConfigError(f"{key}: set EPOCHS or MAX_ITER to a positive value")
 
 
-def schedule(node: CfgNode, num_images: int) -> tuple[int, tuple[int, ...]]:
+def schedule(node, num_images: int) -> tuple[int, tuple[int, ...]]:
     """Iterations and LR-drop iterations of a phase over ``num_images`` training images."""
     iters_per_epoch = node.DATASET_REPEAT * num_images / node.IMS_PER_BATCH
     epoch_iters = max(1, math.ceil(node.EPOCHS * iters_per_epoch))
@@ -130,7 +132,7 @@ def phase_config(cfg: CfgNode, phase: str, num_train_images: int) -> CfgNode:
         ``DIRECT_PRETRAIN.PHASE`` set to ``phase`` and ``OUTPUT_DIR`` set to the phase folder.
     """
     node = cfg.DIRECT_PRETRAIN[phase]
-    _validate(phase, node)
+    validate_phase(phase, node)
     out = cfg.clone()
     out.defrost()
     out.DIRECT_PRETRAIN.PHASE = phase

@@ -37,7 +37,8 @@ from .data.mapper import CheckedDatasetMapper
 from .phases import phase_node
 from .utils.env import has_cpp_ops
 
-__all__ = ["DirectPretrainTrainer", "PhaseTimer", "build_train_augmentations", "training_dicts"]
+__all__ = ["DirectPretrainTrainer", "PhaseTimer", "augmentation_specs", "build_train_augmentations",
+           "phase_writers", "training_dicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +47,40 @@ NO_DECAY_PARAMS = ("absolute_pos_embed", "relative_position_bias_table", "pos_em
                    "cls_token")
 
 
-def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
-    """The training augmentations of the phase ``cfg`` belongs to."""
-    node = phase_node(cfg)
-    flip = [T.RandomFlip(horizontal=True, vertical=False)] if node.RANDOM_FLIP else []
+def augmentation_specs(node, pixel_mean) -> list[tuple[type, dict]]:
+    """``(class, kwargs)`` of a phase node's training augmentations (for yacs and LazyConfig)."""
+    flip = [(T.RandomFlip, {"horizontal": True, "vertical": False})] if node.RANDOM_FLIP else []
     if node.AUGMENTATION == "fixed_size_crop":
         low, high = node.RATIO_RANGE
         height, width = node.SCALE
-        pad_value = float(sum(cfg.MODEL.PIXEL_MEAN) / len(cfg.MODEL.PIXEL_MEAN))
         return [
-            T.ResizeScale(low, high, height, width),
+            (T.ResizeScale, {"min_scale": low, "max_scale": high, "target_height": height,
+                             "target_width": width}),
             *flip,
-            T.FixedSizeCrop(tuple(node.CROP_SIZE), pad=True, pad_value=pad_value),
+            (T.FixedSizeCrop, {"crop_size": tuple(node.CROP_SIZE), "pad": True,
+                               "pad_value": float(sum(pixel_mean) / len(pixel_mean))}),
         ]
-    return [T.ResizeShortestEdge(node.MIN_SIZE_TRAIN, node.MAX_SIZE_TRAIN, "choice"), *flip]
+    return [(T.ResizeShortestEdge, {"short_edge_length": tuple(node.MIN_SIZE_TRAIN),
+                                    "max_size": node.MAX_SIZE_TRAIN, "sample_style": "choice"}),
+            *flip]
+
+
+def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
+    """The training augmentations of the phase ``cfg`` belongs to."""
+    return [cls(**kwargs) for cls, kwargs in
+            augmentation_specs(phase_node(cfg), cfg.MODEL.PIXEL_MEAN)]
+
+
+def phase_writers(output_dir: str, max_iter: int) -> list:
+    """Console and ``metrics.json`` writers, plus TensorBoard's if it is installed."""
+    writers = [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"))]
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+    except ImportError:
+        return writers
+    from detectron2.utils.events import TensorboardXWriter
+
+    return [*writers, TensorboardXWriter(output_dir)]
 
 
 def training_dicts(cfg: CfgNode) -> list[dict]:
@@ -161,14 +182,7 @@ class DirectPretrainTrainer(DefaultTrainer):
         return self.eval_results
 
     def build_writers(self):
-        writers = [CommonMetricPrinter(self.max_iter),
-                   JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
-        try:
-            from detectron2.utils.events import TensorboardXWriter
-            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
-        except ImportError:
-            return writers
-        return [*writers, TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+        return phase_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
 
 def _is_norm(module: torch.nn.Module) -> bool:

@@ -6,7 +6,7 @@ import logging
 import random
 from typing import Sequence
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.data import DatasetMapper
 
 __all__ = ["BadImageError", "CheckedDatasetMapper"]
@@ -24,18 +24,25 @@ class BadImageError(RuntimeError):
 class CheckedDatasetMapper(DatasetMapper):
     """:class:`DatasetMapper` whose read errors name the file.
 
-    With ``DIRECT_PRETRAIN.BAD_IMAGES: skip`` and a ``fallback`` dataset (training only), an
-    unreadable image is logged, counted (``skipped``, per loader worker) and replaced by a
-    random other image of ``fallback``. Evaluation never skips: a missing image would change
-    the AP.
+    With ``skip_bad_images`` (``DIRECT_PRETRAIN.BAD_IMAGES: skip``) and a ``fallback`` dataset
+    (training only), an unreadable image is logged, counted (``skipped``, per loader worker)
+    and replaced by a random other image of ``fallback``. Evaluation never skips: a missing
+    image would change the AP.
     """
 
-    def __init__(self, cfg: CfgNode, is_train: bool = True,
-                 fallback: Sequence[dict] | None = None, **kwargs) -> None:
-        super().__init__(cfg, is_train=is_train, **kwargs)
-        self.fallback = fallback if cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip" else None
+    @configurable
+    def __init__(self, is_train: bool, *, skip_bad_images: bool = False,
+                 fallback: Sequence[dict] | None = None, seed: int = 0, **kwargs) -> None:
+        super().__init__(is_train, **kwargs)
+        self.skip_bad_images = skip_bad_images
+        self.fallback = fallback
         self.skipped = 0
-        self._rng = random.Random(cfg.SEED)
+        self._rng = random.Random(seed)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
+        return {**super().from_config(cfg, is_train),
+                "skip_bad_images": cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip", "seed": cfg.SEED}
 
     def __call__(self, dataset_dict: dict) -> dict:
         for _ in range(MAX_CONSECUTIVE_SKIPS):
@@ -43,7 +50,7 @@ class CheckedDatasetMapper(DatasetMapper):
                 return super().__call__(dataset_dict)
             except (OSError, SyntaxError, ValueError) as e:
                 name = dataset_dict.get("file_name", "<no file_name>")
-                if self.fallback is None:
+                if not (self.skip_bad_images and self.fallback is not None and self.is_train):
                     raise BadImageError(
                         f"cannot read image '{name}': {e}. Fix or remove it, or set "
                         "DIRECT_PRETRAIN.BAD_IMAGES skip to skip unreadable training images."

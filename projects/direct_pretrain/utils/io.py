@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     "atomic_torch_save", "atomic_write", "atomic_write_json", "atomic_write_text",
-    "ensure_writable_dir", "remove_partial_files",
+    "ensure_writable_dir", "flatten_dict", "remove_partial_files",
 ]
 
 
@@ -89,3 +89,14 @@ def remove_partial_files(folder: str | os.PathLike) -> list[str]:
         path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
+
+
+def flatten_dict(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

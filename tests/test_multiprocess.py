@@ -1,0 +1,60 @@
+"""The tiny pipeline with 2 CPU processes (Detectron2's launch, gloo backend)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_cfg
+from detectron2.engine import HookBase, launch
+from detectron2.utils import comm
+
+from direct_pretrain.pipeline import run_pipeline
+from direct_pretrain.trainer import DirectPretrainTrainer
+
+NORM = "backbone.bottom_up.stem.conv1.norm"
+
+
+class _SaveNormStats(HookBase):
+    """Saves this process's statistics of one BN layer at the end of the phase."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def after_train(self) -> None:
+        model = self.trainer.model
+        model = model.module if hasattr(model, "module") else model
+        layer = dict(model.named_modules())[NORM]
+        phase = self.trainer.cfg.DIRECT_PRETRAIN.PHASE
+        torch.save({"mean": layer.running_mean.clone(), "type": type(layer).__name__},
+                   f"{self.folder}/{phase}_rank{comm.get_rank()}.pt")
+
+
+def _worker(cfg, folder: str) -> None:
+    build_hooks = DirectPretrainTrainer.build_hooks
+    DirectPretrainTrainer.build_hooks = lambda self: [*build_hooks(self), _SaveNormStats(folder)]
+    run_pipeline(cfg)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_two_processes_sync_bn_only_where_the_phase_says(synthetic_data, tmp_path):
+    cfg = tiny_cfg(synthetic_data, tmp_path / "run")
+    for phase in ("PRETRAIN", "FINETUNE"):
+        cfg.DIRECT_PRETRAIN[phase].MAX_ITER = 3
+        cfg.DIRECT_PRETRAIN[phase].IMS_PER_BATCH = 4  # 2 images per process
+    cfg.DIRECT_PRETRAIN.PRETRAIN.BACKBONE_NORM = "BN"  # per-process statistics
+    cfg.DIRECT_PRETRAIN.FINETUNE.BACKBONE_NORM = "SyncBN"  # naiveSyncBN on CPU
+    launch(_worker, 2, dist_url="auto", args=(cfg, str(tmp_path)))
+
+    stats = {(p, r): torch.load(tmp_path / f"{p}_rank{r}.pt", weights_only=True)
+             for p in ("PRETRAIN", "FINETUNE") for r in (0, 1)}
+    assert stats["PRETRAIN", 0]["type"] == "BatchNorm2d"
+    assert not torch.allclose(stats["PRETRAIN", 0]["mean"], stats["PRETRAIN", 1]["mean"])
+    assert stats["FINETUNE", 0]["type"] == "NaiveSyncBatchNorm"
+    torch.testing.assert_close(stats["FINETUNE", 0]["mean"], stats["FINETUNE", 1]["mean"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["phases"]["FINETUNE"]["iterations"] == 3
+    assert (tmp_path / "run" / "finetune" / "bridged_init_report.json").is_file()
