@@ -71,7 +71,7 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
                           ["tiny_val", *synthetic_data["val"]]]
     node.CACHE_DIR = str(cache_dir or output_dir / "cache")
     node.PIXEL_STATS = "config"
-    for phase, size, batch in (("PRETRAIN", 32, 4), ("FINETUNE", 64, 2)):
+    for phase, size, batch in (("PRETRAIN", 32, 4), ("BOX_DOMAIN", 64, 2), ("FINETUNE", 64, 2)):
         phase_node = node[phase]
         phase_node.SCALE = [size, size]
         phase_node.CROP_SIZE = [size, size]
@@ -96,6 +96,11 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
 
 
 def _shrink_yacs(cfg, output_dir: Path) -> None:
+    cfg.ALIGNDET.VIEW.MIN_SIZE_TRAIN = (48, 64)
+    cfg.ALIGNDET.VIEW.MAX_SIZE_TRAIN = 64
+    cfg.ALIGNDET.VIEW.MIN_BOX_SIZE = 4.0
+    cfg.ALIGNDET.PROPOSALS.NUM_WORKERS = 1
+    cfg.ALIGNDET.POSITIVES_PER_IMAGE = 32
     cfg.DATASETS.TRAIN = ("tiny_train",)
     cfg.DATASETS.TEST = ("tiny_val",)
     cfg.DATALOADER.NUM_WORKERS = 0

@@ -120,6 +120,7 @@ def bridge_state_dict(
     *,
     reinit_on_class_change: bool = True,
     drop: Iterable[str] = (),
+    select: str = "",
     source_name: str = "",
 ) -> tuple[dict[str, torch.Tensor], BridgeReport]:
     """Map ``source`` weights onto ``target``'s state dict.
@@ -130,6 +131,8 @@ def bridge_state_dict(
         reinit_on_class_change: re-initialise class-specific predictor layers whose shape
             differs or that the source lacks; otherwise that is an error.
         drop: regular expressions of target keys to re-initialise whatever the source holds.
+        select: if not empty, a regular expression: only target keys matching it are taken from
+            the source, the others keep their initial values (reported as re-initialised).
         source_name: shown in the report.
 
     Returns:
@@ -143,15 +146,19 @@ def bridge_state_dict(
     target_state = target.state_dict()
     norms = _norm_modules(target)
     drop_patterns = [re.compile(p) for p in drop]
+    selected = re.compile(select) if select else None
     out: dict[str, torch.Tensor] = {}
     errors: list[str] = []
 
     for name, module in norms.items():
+        if selected and not selected.search(f"{name}.weight"):
+            continue
         src_has_stats = f"{name}.running_mean" in source
+        trainable_source = f"{name}.num_batches_tracked" in source
         if src_has_stats and not _has_stats(module):
             errors.append(f"{name}: BatchNorm statistics in the checkpoint cannot become "
                           f"{type(module).__name__} (use BN, SyncBN, naiveSyncBN or FrozenBN)")
-        elif src_has_stats and type(module) is not nn.BatchNorm2d:
+        elif trainable_source and type(module) is not nn.BatchNorm2d:
             report.converted[name] = f"BatchNorm -> {type(module).__name__}"
 
     for key, init in target_state.items():
@@ -160,6 +167,12 @@ def bridge_state_dict(
         if any(p.search(key) for p in drop_patterns):
             out[key] = init
             report.reinitialised[key] = "dropped by request"
+        elif selected and not selected.search(key):
+            out[key] = init
+            report.reinitialised[key] = f"not selected by '{select}'"
+        elif key.endswith("num_batches_tracked") and key not in source and module in norms:
+            out[key] = init  # the source norm was frozen: the step counter starts at 0
+            report.converted[module] = f"FrozenBatchNorm -> {type(norms[module]).__name__}"
         elif key not in source:
             if reinit_ok:
                 out[key] = init
@@ -204,16 +217,18 @@ def bridge_checkpoint(
     *,
     reinit_on_class_change: bool = True,
     drop: Iterable[str] = (),
+    select: str = "",
 ) -> BridgeReport:
     """Bridge the checkpoint at ``source_path`` into ``target`` and save it to ``output_path``.
 
     Writes ``output_path`` (a Detectron2 checkpoint with the model only) and
-    ``<output_path stem>_report.json``, both atomically.
+    ``<output_path stem>_report.json``, both atomically. Keyword arguments are those of
+    :func:`bridge_state_dict`.
     """
     source = load_model_state(source_path)
     state, report = bridge_state_dict(
         source, target, reinit_on_class_change=reinit_on_class_change, drop=drop,
-        source_name=str(source_path),
+        select=select, source_name=str(source_path),
     )
     output_path = Path(output_path)
     atomic_write_json(report_path(output_path), asdict(report))

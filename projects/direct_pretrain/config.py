@@ -15,6 +15,7 @@ import os
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
+from .aligndet.config import add_aligndet_config
 from .modeling import add_fcos_config, add_swin_config
 
 __all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "check_lazy_node", "get_cfg",
@@ -22,8 +23,9 @@ __all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "check_lazy_n
 
 CN = _D2CfgNode
 
-# Phase nodes the project defines; DIRECT_PRETRAIN.PIPELINE lists which run, in order.
-PHASE_NAMES = ("PRETRAIN", "FINETUNE")
+# Phase nodes the project defines; DIRECT_PRETRAIN.PIPELINE lists which run, in order. BOX_DOMAIN
+# is AlignDet's label-free box-domain pre-training (configured by the ALIGNDET node).
+PHASE_NAMES = ("PRETRAIN", "BOX_DOMAIN", "FINETUNE")
 MODEL_ZOO_PREFIX = "model_zoo:"
 
 
@@ -33,6 +35,9 @@ def _phase_node(**overrides) -> CN:
     # How the phase's weights start: "scratch" (random init), "previous" (the previous
     # phase's final model through the checkpoint bridge) or "weights" (MODEL.WEIGHTS).
     node.INIT = "scratch"
+    # With INIT "previous": regular expression of the weights taken from the previous phase
+    # (others keep their fresh init, reported); "" takes all.
+    node.INIT_KEYS = ""
     # Training resize: "fixed_size_crop" (scale-jitter to fit SCALE, random crop and pad to
     # CROP_SIZE, the paper's pre-training) or "shortest_edge" (MIN/MAX_SIZE_TRAIN).
     node.AUGMENTATION = "shortest_edge"
@@ -124,6 +129,16 @@ def add_direct_pretrain_config(cfg: CN) -> None:
         WARMUP_ITERS=500,
         WARMUP_FACTOR=0.01,
     )
+    # AlignDet box-domain pre-training: only the backbone body comes from the previous
+    # (image-domain) phase and stays frozen; FPN, RPN and box head learn from pseudo-boxes.
+    node.BOX_DOMAIN = _phase_node(
+        INIT="previous",
+        INIT_KEYS=r"^backbone\.bottom_up\.",
+        BACKBONE_NORM="FrozenBN",
+        IMS_PER_BATCH=16,
+        BASE_LR=0.02,
+        WARMUP_ITERS=500,
+    )
     node.FINETUNE = _phase_node(
         INIT="previous",
         BACKBONE_NORM="FrozenBN",
@@ -132,6 +147,7 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     )
     add_fcos_config(cfg)
     add_swin_config(cfg)
+    add_aligndet_config(cfg)
     # The from-scratch pre-training phase trains every stage with trainable norms.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.WEIGHTS = ""

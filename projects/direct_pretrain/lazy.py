@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import SafeCheckpointer
 from .config import get_cfg
 from .data.mapper import CheckedDatasetMapper
-from .phases import schedule, validate_phase
+from .phases import PhaseConfigError, schedule, validate_phase
 from .trainer import NO_DECAY_PARAMS, PhaseTimer, augmentation_specs, phase_writers
 from .utils.env import has_cpp_ops
 from .utils.io import flatten_dict
@@ -125,6 +125,9 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     """
     node = cfg.DIRECT_PRETRAIN[phase]
     validate_phase(phase, node)
+    if phase == "BOX_DOMAIN":
+        raise PhaseConfigError("the BOX_DOMAIN (AlignDet) phase needs a yacs config; the "
+                               "LazyConfig path runs PRETRAIN and FINETUNE")
     out = copy.deepcopy(cfg)
     node = out.DIRECT_PRETRAIN[phase]
     out.DIRECT_PRETRAIN.PHASE = phase

@@ -38,6 +38,8 @@ _DIRECT_KEYS = {
 _HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM",
                    "MODEL.FCOS.NORM")
 _INITS = ("scratch", "previous", "weights")
+# Detectors with a box-domain (AlignDet) version, and the meta-architecture that trains it.
+BOX_DOMAIN_ARCHS = {"GeneralizedRCNN": "AlignDetRCNN"}
 _AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
 _OPTIMIZERS = ("SGD", "AdamW")
 
@@ -148,9 +150,29 @@ def phase_config(cfg: CfgNode, phase: str, num_train_images: int) -> CfgNode:
     out.SOLVER.AMP.ENABLED = node.AMP
     if node.INIT == "scratch":
         out.MODEL.WEIGHTS = ""
+    if phase == "BOX_DOMAIN":
+        _box_domain_model(out)
     _adapt_to_device(out)
     out.freeze()
     return out
+
+
+def _box_domain_model(cfg: CfgNode) -> None:
+    """Swap the detector for its AlignDet box-domain wrapper (no mask head)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in BOX_DOMAIN_ARCHS:
+        raise PhaseConfigError(
+            f"MODEL.META_ARCHITECTURE = {arch}: BOX_DOMAIN pre-training supports "
+            f"{', '.join(BOX_DOMAIN_ARCHS)}"
+        )
+    if arch == "GeneralizedRCNN":
+        if cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
+            raise PhaseConfigError(f"MODEL.ROI_HEADS.NAME = {cfg.MODEL.ROI_HEADS.NAME}: BOX_DOMAIN "
+                                   "pre-training supports StandardROIHeads (one box head)")
+        cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = cfg.ALIGNDET.RPN_BATCH_SIZE_PER_IMAGE
+        cfg.MODEL.RPN.POSITIVE_FRACTION = cfg.ALIGNDET.RPN_POSITIVE_FRACTION
+        cfg.MODEL.MASK_ON = False
+    cfg.MODEL.META_ARCHITECTURE = BOX_DOMAIN_ARCHS[arch]
 
 
 def _adapt_to_device(cfg: CfgNode) -> None:

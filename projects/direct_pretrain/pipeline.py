@@ -18,6 +18,7 @@ from pathlib import Path
 
 from detectron2.utils import comm
 
+from .aligndet import transfer_drop
 from .bridge import bridge_checkpoint, load_model_state
 from .checkpoint import SafeCheckpointer
 from .data.datasets import cache_dir, register_named_datasets
@@ -81,6 +82,7 @@ def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
         k: v for k, v in flat.items()
         if k not in kind.resume_safe_keys
         and (not k.startswith("DIRECT_PRETRAIN.") or k.startswith(f"DIRECT_PRETRAIN.{phase}."))
+        and (not k.startswith("ALIGNDET.") or phase == "BOX_DOMAIN")
     }
 
 
@@ -106,8 +108,8 @@ def _read_done(folder: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _previous_final_model(kind: ConfigKind, cfg, phase: str) -> str:
-    """Final model of the phase before ``phase`` in PIPELINE, which must be finished."""
+def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
+    """The phase before ``phase`` in PIPELINE (which must be finished) and its final model."""
     pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = pipeline.index(phase) if phase in pipeline else 0
     if index == 0:
@@ -120,16 +122,20 @@ def _previous_final_model(kind: ConfigKind, cfg, phase: str) -> str:
     if done is None:
         raise PhaseStateError(f"phase {phase} starts from phase {previous}, which has not "
                               "finished: run it first")
-    return done["final_model"]
+    return previous, done["final_model"]
 
 
-def _bridge_into(kind: ConfigKind, pcfg, source: str) -> None:
-    """Bridge ``source`` into the model of phase ``pcfg`` (once), at its initial weights."""
+def _bridge_into(kind: ConfigKind, cfg, pcfg) -> None:
+    """Bridge the previous phase's final model into phase ``pcfg`` (once), at its weights."""
     target_file = kind.weights(pcfg)
     if comm.is_main_process() and not os.path.isfile(target_file):
+        phase = pcfg.DIRECT_PRETRAIN.PHASE
+        previous, source = _previous_phase(kind, cfg, phase)
         bridge_checkpoint(
             source, kind.build_model(pcfg, on_cpu=True), target_file,
             reinit_on_class_change=pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE,
+            drop=transfer_drop(pcfg) if previous == "BOX_DOMAIN" else (),
+            select=phase_node(pcfg).INIT_KEYS,
         )
     comm.synchronize()
 
@@ -203,7 +209,7 @@ def run_pipeline(cfg) -> dict:
                         kind.output_dir(pcfg))
         else:
             if from_previous:
-                _bridge_into(kind, pcfg, _previous_final_model(kind, cfg, phase))
+                _bridge_into(kind, cfg, pcfg)
             logger.info("Phase %s: output %s", phase, kind.output_dir(pcfg))
             record = _run_phase(kind, pcfg)
         final_model = record["final_model"]

@@ -32,7 +32,9 @@ from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
+from .aligndet import EMAHook, TwoViewMapper, load_proposals
 from .checkpoint import SafeCheckpointer
+from .data.datasets import cache_dir
 from .data.mapper import CheckedDatasetMapper
 from .phases import phase_node
 from .utils.env import has_cpp_ops
@@ -83,6 +85,22 @@ def phase_writers(output_dir: str, max_iter: int) -> list:
     return [*writers, TensorboardXWriter(output_dir)]
 
 
+def is_box_domain(cfg: CfgNode) -> bool:
+    """Whether ``cfg`` is an AlignDet box-domain phase."""
+    return cfg.DIRECT_PRETRAIN.PHASE == "BOX_DOMAIN"
+
+
+def build_box_domain_loader(cfg: CfgNode):
+    """Two-view batches of the training images with their pseudo-boxes (labels unused)."""
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    proposals = load_proposals(dicts, cfg.ALIGNDET.PROPOSALS, cache_dir(cfg.DIRECT_PRETRAIN))
+    dicts = [d for d in dicts if len(proposals[d["file_name"]])]
+    if not dicts:
+        raise ValueError("no training image has a pseudo-box: check ALIGNDET.PROPOSALS")
+    mapper = TwoViewMapper.from_config(cfg, proposals)
+    return build_detection_train_loader(cfg, mapper=mapper, dataset=DatasetFromList(dicts))
+
+
 def training_dicts(cfg: CfgNode) -> list[dict]:
     """The training set as Detectron2's default train loader reads it."""
     return get_detection_dataset_dicts(
@@ -128,6 +146,8 @@ class DirectPretrainTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
+        if is_box_domain(cfg):
+            return build_box_domain_loader(cfg)
         dataset = DatasetFromList(training_dicts(cfg), copy=False)
         mapper = CheckedDatasetMapper(
             cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
@@ -169,6 +189,9 @@ class DirectPretrainTrainer(DefaultTrainer):
         self.eval_results: dict = {}
         self.eval_seconds = 0.0
         default = super().build_hooks()
+        if is_box_domain(self.cfg):  # nothing to evaluate without a classifier
+            default = [h for h in default if not isinstance(h, hooks.EvalHook)]
+            return [self.timer, EMAHook(self.cfg.ALIGNDET.MOMENTUM), *default]
         return [self.timer] + [
             hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
             if isinstance(h, hooks.EvalHook) else h
