@@ -12,6 +12,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# opencv-python and opencv-contrib-python-headless ship the same cv2: keep only the latter.
+	$(PY) -m pip uninstall -y -q opencv-python
 	$(PY) -m pip install -q -r requirements.txt
 	# Only the data files of deepforest are used (the embedded tree-crown dataset).
 	$(PY) -m pip install -q --no-deps deepforest==2.1.0
