@@ -39,7 +39,8 @@ _HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL
                    "MODEL.FCOS.NORM")
 _INITS = ("scratch", "previous", "weights")
 # Detectors with a box-domain (AlignDet) version, and the meta-architecture that trains it.
-BOX_DOMAIN_ARCHS = {"GeneralizedRCNN": "AlignDetRCNN"}
+BOX_DOMAIN_ARCHS = {"GeneralizedRCNN": "AlignDetRCNN", "RetinaNet": "AlignDetRetinaNet",
+                    "FCOSDetector": "AlignDetFCOS"}
 _AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
 _OPTIMIZERS = ("SGD", "AdamW")
 

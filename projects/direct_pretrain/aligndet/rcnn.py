@@ -19,8 +19,6 @@ The mask head is not pre-trained.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
@@ -33,8 +31,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .losses import info_nce
+from .target import EMATargetMixin
 
 __all__ = ["AlignDetRCNN", "BoxDomainPredictor"]
+
+
+def box_domain_args(cfg) -> dict:
+    """The ``ALIGNDET`` settings every box-domain model takes."""
+    node = cfg.ALIGNDET
+    return {"embed_dim": node.EMBED_DIM, "temperature": node.TEMPERATURE,
+            "contrast_weight": node.CONTRAST_WEIGHT, "reg_weight": node.REG_WEIGHT}
 
 
 class BoxDomainPredictor(nn.Module):
@@ -53,14 +59,8 @@ class BoxDomainPredictor(nn.Module):
         return F.normalize(self.projector(x), dim=1), self.bbox_pred(x)
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 @META_ARCH_REGISTRY.register()
-class AlignDetRCNN(GeneralizedRCNN):
+class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
     """Online GeneralizedRCNN + EMA target for box-domain pre-training (training only)."""
 
     @configurable
@@ -70,52 +70,21 @@ class AlignDetRCNN(GeneralizedRCNN):
         heads = self.roi_heads
         self.box2box_transform = heads.box_predictor.box2box_transform
         heads.box_predictor = BoxDomainPredictor(heads.box_head.output_shape.channels, embed_dim)
-        freeze(self.backbone.bottom_up)
         self.temperature = temperature
         self.positives_per_image = positives_per_image
         self.contrast_weight = contrast_weight
         self.reg_weight = reg_weight
         self.matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=False)
-        self.target = freeze(copy.deepcopy(nn.ModuleDict({
-            "backbone": self.backbone, "box_head": heads.box_head,
-            "box_predictor": heads.box_predictor,
-        })))
+        self.init_target({"backbone": self.backbone, "box_head": heads.box_head,
+                          "box_predictor": heads.box_predictor})
 
     @classmethod
     def from_config(cls, cfg):
-        node = cfg.ALIGNDET
-        return {**super().from_config(cfg), "embed_dim": node.EMBED_DIM,
-                "temperature": node.TEMPERATURE, "positives_per_image": node.POSITIVES_PER_IMAGE,
-                "contrast_weight": node.CONTRAST_WEIGHT, "reg_weight": node.REG_WEIGHT}
+        return {**super().from_config(cfg), **box_domain_args(cfg),
+                "positives_per_image": cfg.ALIGNDET.POSITIVES_PER_IMAGE}
 
-    # --- target detector -------------------------------------------------------------------
-    def _online_target_pairs(self):
-        online = {"backbone": self.backbone, "box_head": self.roi_heads.box_head,
-                  "box_predictor": self.roi_heads.box_predictor}
-        for name, module in online.items():
-            yield module, self.target[name]
-
-    @torch.no_grad()
-    def reset_target(self) -> None:
-        """Make the target detector a copy of the online one."""
-        for online, target in self._online_target_pairs():
-            target.load_state_dict(online.state_dict())
-
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """target = momentum * target + (1 - momentum) * online (buffers copied)."""
-        for online, target in self._online_target_pairs():
-            for p_t, p_o in zip(target.parameters(), online.parameters()):
-                if p_o.requires_grad:
-                    p_t.mul_(momentum).add_(p_o.detach(), alpha=1.0 - momentum)
-            for b_t, b_o in zip(target.buffers(), online.buffers()):
-                b_t.copy_(b_o)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.bottom_up.eval()  # frozen: its norm statistics never change
-        self.target.eval()
-        return self
+    def _online_module(self, name: str) -> nn.Module:
+        return self.backbone if name == "backbone" else getattr(self.roi_heads, name)
 
     # --- training ---------------------------------------------------------------------------
     def _embed(self, features: dict, boxes: list[Boxes], box_head, box_predictor):
@@ -137,9 +106,7 @@ class AlignDetRCNN(GeneralizedRCNN):
         return rois, matched
 
     def forward(self, batched_inputs: list[dict]):
-        if not self.training:
-            raise RuntimeError("an AlignDet box-domain model has no classifier; fine-tune it "
-                               "(the next phase) to detect")
+        self._require_training()
         views = [[x[v] for x in batched_inputs] for v in ("view1", "view2")]
         images1, images2 = (self.preprocess_image(v) for v in views)
         gt1, gt2 = ([x["instances"].to(self.device) for x in v] for v in views)
