@@ -93,3 +93,16 @@ def test_single_phase_runs_need_the_previous_phase(synthetic_data, tmp_path):
     summary = run_pipeline(cfg)
     assert list(summary["phases"]) == ["FINETUNE"]
     assert (tmp_path / "finetune" / "bridged_init.pth").is_file()
+
+
+def test_report_is_written(finished):
+    _, out, _ = finished
+    report = out / "report"
+    table = (report / "ap_table.md").read_text()
+    assert "| PRETRAIN |" in table and "| FINETUNE |" in table
+    for name in ("loss_curves.png", "ap_vs_time.png"):
+        assert (report / name).stat().st_size > 1000
+    examples = list((report / "examples").glob("*.png"))
+    assert len(examples) == 3  # the synthetic validation set has 3 images
+    done = json.loads((out / "finetune" / "phase_done.json").read_text())
+    assert done["eval_history"] and done["eval_history"][-1]["iteration"] == 2

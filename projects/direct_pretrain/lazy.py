@@ -32,7 +32,13 @@ from .checkpoint import SafeCheckpointer
 from .config import get_cfg
 from .data.mapper import CheckedDatasetMapper
 from .phases import PhaseConfigError, schedule, validate_phase
-from .trainer import NO_DECAY_PARAMS, PhaseTimer, augmentation_specs, phase_writers
+from .trainer import (
+    NO_DECAY_PARAMS,
+    PhaseTimer,
+    augmentation_specs,
+    phase_writers,
+    record_evaluation,
+)
 from .utils.env import has_cpp_ops
 from .utils.io import flatten_dict
 
@@ -170,7 +176,7 @@ class LazyPhaseTrainer:
 
     Exposes what the pipeline reads from :class:`~direct_pretrain.trainer.DirectPretrainTrainer`:
     ``resume_or_load``, ``train``, ``start_iter``, ``max_iter``, ``iter``, ``checkpointer``,
-    ``timer``, ``eval_results`` and ``eval_seconds``.
+    ``timer``, ``eval_results``, ``eval_history`` and ``eval_seconds``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -187,6 +193,7 @@ class LazyPhaseTrainer:
                                              trainer=weakref.proxy(self.trainer))
         self.timer = PhaseTimer()
         self.eval_results: dict = {}
+        self.eval_history: list[dict] = []
         self.eval_seconds = 0.0
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
@@ -228,6 +235,7 @@ class LazyPhaseTrainer:
         start = time.perf_counter()
         self.eval_results = lazy_evaluate(self.cfg, self.trainer.model)
         self.eval_seconds += time.perf_counter() - start
+        record_evaluation(self)
         return self.eval_results
 
 

@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+from detectron2.data import transforms as T
 from detectron2.utils import comm
 
 from .aligndet import transfer_drop
@@ -25,6 +27,7 @@ from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .kinds import ConfigKind, kind_of
 from .phases import active_phases, phase_node
+from .report import write_report
 from .utils.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -171,6 +174,7 @@ def _run_phase(kind: ConfigKind, pcfg) -> dict:
         "iterations": trainer.max_iter,
         "ims_per_batch": phase_node(pcfg).IMS_PER_BATCH,
         "results": trainer.eval_results,
+        "eval_history": trainer.eval_history,
         "wall_seconds": round(trainer.timer.seconds, 1),
         "eval_seconds": round(trainer.eval_seconds, 1),
         "final_model": str(out / "model_final.pth"),
@@ -196,6 +200,7 @@ def run_pipeline(cfg) -> dict:
     kind = kind_of(cfg)
     cfg, num_images = prepare_config(cfg)
     summary = {"output_dir": kind.output_dir(cfg), "device": None, "phases": {}}
+    records = {}
     for phase in active_phases(cfg):
         pcfg = kind.phase_config(cfg, phase, num_images)
         summary["device"] = kind.device(pcfg)
@@ -213,6 +218,7 @@ def run_pipeline(cfg) -> dict:
             logger.info("Phase %s: output %s", phase, kind.output_dir(pcfg))
             record = _run_phase(kind, pcfg)
         final_model = record["final_model"]
+        records[phase] = record
         summary["phases"][phase] = {**_bbox(record), "wall_seconds": record["wall_seconds"],
                                     "eval_seconds": record["eval_seconds"],
                                     "iterations": record["iterations"],
@@ -222,7 +228,39 @@ def run_pipeline(cfg) -> dict:
     if comm.is_main_process():
         atomic_torch_save({"model": load_model_state(final_model)}, summary["final_model"])
         atomic_write_json(os.path.join(kind.output_dir(cfg), SUMMARY_FILE), summary)
+        _report(kind, kind.output_dir(cfg), pcfg, summary, records)
+    comm.synchronize()
     return summary
+
+
+def _report(kind: ConfigKind, output_dir: str, pcfg, summary: dict, records: dict) -> None:
+    """Write the run's report; a failure is logged, never fatal (the results are saved)."""
+    try:
+        predict = None
+        if pcfg.DIRECT_PRETRAIN.PHASE != "BOX_DOMAIN":  # a detector, not a box-domain model
+            predict = _predictor(kind, pcfg, summary["final_model"])
+        write_report(output_dir, summary, records, predict, kind.dataset_names(pcfg)[-1],
+                     kind.image_format(pcfg))
+    except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
+        logger.exception("Could not write the report; the results above are saved.")
+
+
+def _predictor(kind: ConfigKind, pcfg, weights: str):
+    """image (HWC, the config's format) -> Instances of the final model, on CPU."""
+    model = kind.build_model(pcfg)
+    SafeCheckpointer(model).load(weights)
+    model.eval()
+    node = phase_node(pcfg)
+    resize = T.ResizeShortestEdge(node.MIN_SIZE_TEST, node.MAX_SIZE_TEST)
+
+    def predict(image):
+        tensor = resize.get_transform(image).apply_image(image)
+        inputs = {"image": torch.as_tensor(tensor.astype("float32").transpose(2, 0, 1)),
+                  "height": image.shape[0], "width": image.shape[1]}
+        with torch.no_grad():
+            return model([inputs])[0]["instances"].to("cpu")
+
+    return predict
 
 
 def evaluate_weights(cfg, weights: str) -> dict:

@@ -40,7 +40,7 @@ from .phases import phase_node
 from .utils.env import has_cpp_ops
 
 __all__ = ["DirectPretrainTrainer", "PhaseTimer", "augmentation_specs", "build_train_augmentations",
-           "phase_writers", "training_dicts"]
+           "phase_writers", "record_evaluation", "training_dicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ class DirectPretrainTrainer(DefaultTrainer):
         )
         self.timer = PhaseTimer()
         self.eval_results: dict = {}
+        self.eval_history: list[dict] = []
         self.eval_seconds = 0.0
         default = super().build_hooks()
         if is_box_domain(self.cfg):  # nothing to evaluate without a classifier
@@ -202,10 +203,21 @@ class DirectPretrainTrainer(DefaultTrainer):
         start = time.perf_counter()
         self.eval_results = self.test(self.cfg, self.model)
         self.eval_seconds += time.perf_counter() - start
+        record_evaluation(self)
         return self.eval_results
 
     def build_writers(self):
         return phase_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+
+def record_evaluation(trainer) -> None:
+    """Append the latest box AP, with the phase's training time so far, to ``eval_history``."""
+    bbox = trainer.eval_results.get("bbox", {})
+    trainer.eval_history.append({
+        "iteration": trainer.iter + 1,
+        "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
+        **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
+    })
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
