@@ -214,7 +214,7 @@ def record_evaluation(trainer) -> None:
     """Append the latest box AP, with the phase's training time so far, to ``eval_history``."""
     bbox = trainer.eval_results.get("bbox", {})
     trainer.eval_history.append({
-        "iteration": trainer.iter + 1,
+        "iteration": min(trainer.iter + 1, trainer.max_iter),  # iterations done
         "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
         **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
     })
