@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from conftest import tiny_cfg
 from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
+from PIL import Image
 
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.phases import phase_config
@@ -63,3 +66,32 @@ def test_adamw_skips_decay_on_norms_and_position_tables(synthetic_data, tmp_path
     norm = model.backbone.bottom_up.stem.conv1.norm
     assert decay[id(norm.weight)] == 0.0
     assert decay[id(model.backbone.bottom_up.stem.conv1.weight)] == cfg.SOLVER.WEIGHT_DECAY
+
+
+def test_resized_cache_gives_the_same_training_sizes(synthetic_data, tmp_path):
+    from direct_pretrain.data.resized_cache import copy_scale, maybe_resized
+    from direct_pretrain.trainer import training_dicts
+
+    cfg = _phase(synthetic_data, tmp_path, "PRETRAIN")
+    node = cfg.DIRECT_PRETRAIN.PRETRAIN.clone()
+    node.defrost()
+    assert node.RESIZED_CACHE and list(node.SCALE) == [32, 32]
+    dicts = training_dicts(cfg)
+    small = maybe_resized(dicts, node, tmp_path / "cache", workers=1)
+    top = max(node.RATIO_RANGE)
+    for full, copy in zip(dicts, small):
+        scale = copy_scale(full["height"], full["width"], 32 * top, 32 * top)
+        assert (copy["height"], copy["width"]) == (round(64 * scale), round(64 * scale)) == \
+            Image.open(copy["file_name"]).size[::-1]
+        assert copy["annotations"][0]["bbox"] == pytest.approx(
+            [v * copy["width"] / 64 for v in full["annotations"][0]["bbox"]])
+        # ResizeScale's output size depends only on its target: same from either image.
+        aug = T.ResizeScale(top, top, 32, 32)
+        out_full = aug.get_transform(np.zeros((full["height"], full["width"], 3), np.uint8))
+        out_copy = aug.get_transform(np.zeros((copy["height"], copy["width"], 3), np.uint8))
+        assert (out_full.new_h, out_full.new_w) == (out_copy.new_h, out_copy.new_w)
+    stamp = (tmp_path / "cache" / "resized").stat().st_mtime_ns
+    assert maybe_resized(dicts, node, tmp_path / "cache") == small  # cached
+    assert (tmp_path / "cache" / "resized").stat().st_mtime_ns == stamp
+    node.RESIZED_CACHE = False
+    assert maybe_resized(dicts, node, tmp_path / "cache") is dicts

@@ -17,4 +17,3 @@ model.proposal_generator.post_nms_topk = (2000, 1000)
 model.pixel_std = PIXEL_STD
 dataloader.train.mapper.use_instance_mask = False
 train.output_dir = "output/coco/cascade_rcnn_R_50_FPN_direct_P1x_1x_lazy"
-train.eval_period = 0

@@ -17,4 +17,3 @@ model.roi_heads.box_head.update(conv_dims=[256] * 4, fc_dims=[1024])
 model.pixel_std = PIXEL_STD
 dataloader.train.mapper.use_instance_mask = False
 train.output_dir = "output/coco/faster_rcnn_R_50_FPN_direct_P1x_1x_lazy"
-train.eval_period = 0

@@ -12,6 +12,5 @@ train = get_config("common/train.py").train
 model.pixel_std = PIXEL_STD
 dataloader.train.mapper.use_instance_mask = False
 train.output_dir = "output/coco/fcos_R_50_FPN_direct_P1x_1x_lazy"
-train.eval_period = 0
 DIRECT_PRETRAIN["PRETRAIN"].update(BASE_LR=0.04, WARMUP_ITERS=1000, HEAD_NORM="GN")
 DIRECT_PRETRAIN["FINETUNE"].update(BASE_LR=0.01, HEAD_NORM="GN")

@@ -15,4 +15,3 @@ train = get_config("common/train.py").train
 model.roi_heads.box_head.update(conv_dims=[256] * 4, fc_dims=[1024])
 model.pixel_std = PIXEL_STD
 train.output_dir = "output/coco/mask_rcnn_R_50_FPN_direct_P1x_1x_lazy"
-train.eval_period = 0

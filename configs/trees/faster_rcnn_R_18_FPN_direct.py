@@ -31,7 +31,6 @@ dataloader.test.num_workers = 2
 
 train.output_dir = "output/demo_lazy"
 train.seed = 0
-train.eval_period = 0  # evaluate at the end of each phase
 
 DIRECT_PRETRAIN = default_direct_pretrain()
 DIRECT_PRETRAIN["PIXEL_STATS"] = "dataset"

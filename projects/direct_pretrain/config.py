@@ -47,6 +47,9 @@ def _phase_node(**overrides) -> CN:
     node.RATIO_RANGE = (0.8, 1.2)
     # fixed_size_crop: (height, width) of the random crop; smaller images are padded to it.
     node.CROP_SIZE = (448, 448)
+    # fixed_size_crop: read a copy of each training image stored at the largest size the
+    # augmentation produces (built once under CACHE_DIR) instead of decoding it at full size.
+    node.RESIZED_CACHE = False
     # shortest_edge: short-side sizes sampled per image, and the long-side cap.
     node.MIN_SIZE_TRAIN = (800,)
     node.MAX_SIZE_TRAIN = 1333
@@ -84,6 +87,8 @@ def _phase_node(**overrides) -> CN:
     node.ROI_BATCH_SIZE_PER_IMAGE = 512
     # Save a checkpoint every this many iterations (and at the end).
     node.CHECKPOINT_PERIOD = 5000
+    # Evaluate every this many iterations (0: only at the end of the phase).
+    node.EVAL_PERIOD = 0
     # Mixed precision (GPU only; ignored on CPU).
     node.AMP = False
     node.update(overrides)
@@ -118,6 +123,7 @@ def add_direct_pretrain_config(cfg: CN) -> None:
 
     node.PRETRAIN = _phase_node(
         AUGMENTATION="fixed_size_crop",
+        RESIZED_CACHE=True,
         MIN_SIZE_TEST=448,
         MAX_SIZE_TEST=448,
         BACKBONE_NORM="BN",

@@ -30,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import SafeCheckpointer
 from .config import get_cfg
+from .data.datasets import cache_dir
 from .data.mapper import CheckedDatasetMapper
+from .data.resized_cache import maybe_resized
 from .phases import PhaseConfigError, schedule, validate_phase
 from .trainer import (
     NO_DECAY_PARAMS,
@@ -148,6 +150,7 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     max_iter, steps = schedule(node, num_train_images)
     out.train.max_iter = max_iter
     out.train.checkpointer.period = node.CHECKPOINT_PERIOD
+    out.train.eval_period = node.EVAL_PERIOD
     out.train.amp.enabled = bool(node.AMP) and out.train.device != "cpu"
     out.lr_multiplier = L(WarmupParamScheduler)(
         scheduler=L(MultiStepParamScheduler)(
@@ -213,7 +216,12 @@ class LazyPhaseTrainer:
     def _train_loader(cfg: DictConfig):
         """``dataloader.train`` with the checked mapper drawing skips from the same dataset."""
         loader_cfg = copy.deepcopy(cfg.dataloader.train)
-        dataset = DatasetFromList(instantiate(loader_cfg.dataset), copy=False)
+        node = cfg.DIRECT_PRETRAIN[cfg.DIRECT_PRETRAIN.PHASE]
+        dicts, cache = instantiate(loader_cfg.dataset), cache_dir(cfg.DIRECT_PRETRAIN)
+        if comm.is_main_process():
+            maybe_resized(dicts, node, cache, loader_cfg.num_workers)
+        comm.synchronize()
+        dataset = DatasetFromList(maybe_resized(dicts, node, cache), copy=False)
         mapper = instantiate(loader_cfg.mapper)
         mapper.fallback = dataset
         loader_cfg.dataset, loader_cfg.mapper = dataset, mapper

@@ -44,6 +44,8 @@ PHASE_CONFIG_FILE = "phase_config.yaml"
 PHASE_KEYS_FILE = "phase_keys.json"
 BRIDGED_FILE = "bridged_init.pth"
 SUMMARY_FILE = "summary.json"
+# Phase keys that may change between a run and its resume (speed and bookkeeping only).
+PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 
 
 class PhaseStateError(RuntimeError):
@@ -81,9 +83,10 @@ def prepare_config(cfg):
 
 def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
     """The config keys that determine a phase's result (other phases' nodes left out)."""
+    safe = {*kind.resume_safe_keys, *(f"DIRECT_PRETRAIN.{phase}.{k}" for k in PHASE_SAFE_KEYS)}
     return {
         k: v for k, v in flat.items()
-        if k not in kind.resume_safe_keys
+        if k not in safe
         and (not k.startswith("DIRECT_PRETRAIN.") or k.startswith(f"DIRECT_PRETRAIN.{phase}."))
         and (not k.startswith("ALIGNDET.") or phase == "BOX_DOMAIN")
     }

@@ -30,12 +30,14 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from .aligndet import EMAHook, TwoViewMapper, load_proposals
 from .checkpoint import SafeCheckpointer
 from .data.datasets import cache_dir
 from .data.mapper import CheckedDatasetMapper
+from .data.resized_cache import maybe_resized
 from .phases import phase_node
 from .utils.env import has_cpp_ops
 
@@ -101,6 +103,17 @@ def build_box_domain_loader(cfg: CfgNode):
     return build_detection_train_loader(cfg, mapper=mapper, dataset=DatasetFromList(dicts))
 
 
+def phase_training_dicts(cfg: CfgNode) -> list[dict]:
+    """The training set of the phase: from the low-resolution cache if the phase uses one
+    (built by the main process while the others wait)."""
+    dicts = training_dicts(cfg)
+    node, cache = phase_node(cfg), cache_dir(cfg.DIRECT_PRETRAIN)
+    if comm.is_main_process():
+        maybe_resized(dicts, node, cache, cfg.DATALOADER.NUM_WORKERS)
+    comm.synchronize()
+    return maybe_resized(dicts, node, cache)
+
+
 def training_dicts(cfg: CfgNode) -> list[dict]:
     """The training set as Detectron2's default train loader reads it."""
     return get_detection_dataset_dicts(
@@ -148,7 +161,7 @@ class DirectPretrainTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg: CfgNode):
         if is_box_domain(cfg):
             return build_box_domain_loader(cfg)
-        dataset = DatasetFromList(training_dicts(cfg), copy=False)
+        dataset = DatasetFromList(phase_training_dicts(cfg), copy=False)
         mapper = CheckedDatasetMapper(
             cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
         )
