@@ -50,8 +50,9 @@ def main(args) -> dict:
     else:
         result = run_pipeline(cfg)
         if comm.is_main_process():
-            logging.getLogger("detectron2").info("Pipeline summary:\n%s",
-                                                 json.dumps(result, indent=1))
+            logging.getLogger("detectron2").info(
+                "Pipeline summary:\n%s", json.dumps(result, indent=1)
+            )
     if comm.get_world_size() > 1:  # gloo/NCCL threads left running abort the exit
         comm.synchronize()
         dist.destroy_process_group()
@@ -60,5 +61,11 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

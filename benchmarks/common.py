@@ -31,8 +31,10 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {date.today().isoformat()}"
+    )
 
 
 def phase_cfg(config_file: str, opts: list[str], phase: str, changes: dict | None = None):
@@ -54,6 +56,7 @@ def peak_memory_mb() -> float:
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table."""
+
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 

@@ -18,12 +18,12 @@ import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from common import DEMO_CONFIG, machine, phase_cfg, save_json, table
-from phase_cost import measure
-
 from direct_pretrain.data.datasets import cache_dir
 from direct_pretrain.data.resized_cache import maybe_resized
 from direct_pretrain.trainer import DirectPretrainTrainer, training_dicts
+
+from common import DEMO_CONFIG, machine, phase_cfg, save_json, table
+from phase_cost import measure
 
 
 def _embedded_opts(tile: int, config_file: str, opts: list[str]) -> list[str]:
@@ -34,15 +34,31 @@ def _embedded_opts(tile: int, config_file: str, opts: list[str]) -> list[str]:
     node = load_config(config_file, opts).DIRECT_PRETRAIN
     json_file, images = build_neon_trees(cache_dir(node), tile=tile)["train"]
     name = f"neon_trees_{tile}_train"
-    return [*opts, "DIRECT_PRETRAIN.REGISTER_COCO", repr([[name, json_file, images]]),
-            "DATASETS.TRAIN", f"('{name}',)"]
+    return [
+        *opts,
+        "DIRECT_PRETRAIN.REGISTER_COCO",
+        repr([[name, json_file, images]]),
+        "DATASETS.TRAIN",
+        f"('{name}',)",
+    ]
 
 
-def loader_speed(config_file: str, opts: list[str], phase: str, cached: bool, workers: int,
-                 batches: int, warmup: int) -> dict:
+def loader_speed(
+    config_file: str,
+    opts: list[str],
+    phase: str,
+    cached: bool,
+    workers: int,
+    batches: int,
+    warmup: int,
+) -> dict:
     """Images/s of the phase's train loader alone (no model)."""
-    cfg = phase_cfg(config_file, [*opts, "DATALOADER.NUM_WORKERS", str(workers)], phase,
-                    {"RESIZED_CACHE": cached})
+    cfg = phase_cfg(
+        config_file,
+        [*opts, "DATALOADER.NUM_WORKERS", str(workers)],
+        phase,
+        {"RESIZED_CACHE": cached},
+    )
     start = time.perf_counter()
     node = cfg.DIRECT_PRETRAIN[phase]
     dicts = maybe_resized(training_dicts(cfg), node, cache_dir(cfg.DIRECT_PRETRAIN))
@@ -53,8 +69,12 @@ def loader_speed(config_file: str, opts: list[str], phase: str, cached: bool, wo
     start = time.perf_counter()
     images = sum(len(next(loader)) for _ in range(batches))
     pixels = sum(d["height"] * d["width"] for d in dicts) / len(dicts)
-    return {"images_per_s": images / (time.perf_counter() - start),
-            "cache_seconds": build, "stored_pixels": pixels, "images": len(dicts)}
+    return {
+        "images_per_s": images / (time.perf_counter() - start),
+        "cache_seconds": build,
+        "stored_pixels": pixels,
+        "images": len(dicts),
+    }
 
 
 def main() -> None:
@@ -79,21 +99,45 @@ def main() -> None:
     results = {}
     for label, cached in (("original images", False), ("low-res cache", True)):
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            results[label] = pool.submit(loader_speed, args.config_file, opts, args.phase,
-                                         cached, workers, args.batches, args.warmup).result()
+            results[label] = pool.submit(
+                loader_speed,
+                args.config_file,
+                opts,
+                args.phase,
+                cached,
+                workers,
+                args.batches,
+                args.warmup,
+            ).result()
         print(f"{label}: {results[label]['images_per_s']:.1f} images/s", flush=True)
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         model = pool.submit(measure, args.config_file, opts, args.phase, {}, 4, 2).result()
     model_ips = model["images_per_s"]
-    rows = [[label, f"{r['stored_pixels'] ** 0.5:.0f}^2", r["images_per_s"],
-             r["images_per_s"] / model_ips, f"{r['cache_seconds']:.1f}"]
-            for label, r in results.items()]
+    rows = [
+        [
+            label,
+            f"{r['stored_pixels'] ** 0.5:.0f}^2",
+            r["images_per_s"],
+            r["images_per_s"] / model_ips,
+            f"{r['cache_seconds']:.1f}",
+        ]
+        for label, r in results.items()
+    ]
     rows.append(["model (training)", model["size"], model_ips, 1.0, "-"])
-    print(f"\n{machine()}\n{args.config_file}, phase {args.phase}, {workers} loader workers, "
-          f"{results['original images']['images']} images\n")
+    print(
+        f"\n{machine()}\n{args.config_file}, phase {args.phase}, {workers} loader workers, "
+        f"{results['original images']['images']} images\n"
+    )
     print(table(["reading", "stored size (mean)", "images/s", "x model", "cache s"], rows))
-    save_json(args.json, {"machine": machine(), "workers": workers, "loader": results,
-                          "model_images_per_s": model_ips})
+    save_json(
+        args.json,
+        {
+            "machine": machine(),
+            "workers": workers,
+            "loader": results,
+            "model_images_per_s": model_ips,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, save_json, table
-
 from direct_pretrain.report import ap_vs_time
+
+from common import machine, save_json, table
 
 # method -> its config; the configs' phase lengths give each about 10 minutes on 2 CPU cores.
 METHODS = {
@@ -29,8 +29,12 @@ METHODS = {
     "aligndet": "configs/trees/faster_rcnn_R_18_FPN_aligndet.yaml",
 }
 # Intermediate evaluations for the AP-vs-time curves (their time is not training time).
-EVALS = ["DIRECT_PRETRAIN.PRETRAIN.EVAL_PERIOD", "100", "DIRECT_PRETRAIN.FINETUNE.EVAL_PERIOD",
-         "25"]
+EVALS = [
+    "DIRECT_PRETRAIN.PRETRAIN.EVAL_PERIOD",
+    "100",
+    "DIRECT_PRETRAIN.FINETUNE.EVAL_PERIOD",
+    "25",
+]
 COLORS = {"scratch": "tab:gray", "direct": "tab:blue", "aligndet": "tab:orange"}
 
 
@@ -40,8 +44,17 @@ def run(method: str, seed: int, out: Path) -> Path:
     if (folder / "summary.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "train_net.py", "--config-file", METHODS[method],
-           "OUTPUT_DIR", str(folder), "SEED", str(seed), *EVALS]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        METHODS[method],
+        "OUTPUT_DIR",
+        str(folder),
+        "SEED",
+        str(seed),
+        *EVALS,
+    ]
     print(f"{method} seed {seed}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(folder / "stdout.log", "a") as log:
@@ -52,12 +65,18 @@ def run(method: str, seed: int, out: Path) -> Path:
 
 def collect(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
-    records = {p: json.loads((folder / p.lower() / "phase_done.json").read_text())
-               for p in summary["phases"]}
+    records = {
+        p: json.loads((folder / p.lower() / "phase_done.json").read_text())
+        for p in summary["phases"]
+    }
     last = list(summary["phases"].values())[-1]
     train = sum(r["wall_seconds"] - r["eval_seconds"] for r in records.values())
-    return {"AP": last["AP"], "AP50": last["AP50"], "train_seconds": train,
-            "curves": ap_vs_time(records)}
+    return {
+        "AP": last["AP"],
+        "AP50": last["AP50"],
+        "train_seconds": train,
+        "curves": ap_vs_time(records),
+    }
 
 
 def _mean_std(values: list[float]) -> str:
@@ -77,9 +96,16 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             for phase, points in r["curves"].items():
                 low_res = phase == "PRETRAIN"
                 xs, ys = zip(*[(t / 60, ap) for t, ap in points])
-                ax.plot(xs, ys, color=COLORS.get(method), alpha=0.35 if low_res else 0.8,
-                        linestyle="--" if low_res else "-", marker="o", markersize=3,
-                        label=method if i == 0 and not low_res else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    color=COLORS.get(method),
+                    alpha=0.35 if low_res else 0.8,
+                    linestyle="--" if low_res else "-",
+                    marker="o",
+                    markersize=3,
+                    label=method if i == 0 and not low_res else None,
+                )
     ax.set_xlabel("training time on 2 CPU cores (minutes)")
     ax.set_ylabel("box AP on neon_trees_val")
     ax.set_title("Equal compute: AP during training (dashed: pre-training at 128 px)")
@@ -98,13 +124,23 @@ def main() -> None:
     args = parser.parse_args()
 
     results = {m: [collect(run(m, s, args.out)) for s in args.seeds] for m in args.methods}
-    rows = [[m, len(r), _mean_std([x["AP"] for x in r]), _mean_std([x["AP50"] for x in r]),
-             _mean_std([x["train_seconds"] / 60 for x in r])] for m, r in results.items()]
+    rows = [
+        [
+            m,
+            len(r),
+            _mean_std([x["AP"] for x in r]),
+            _mean_std([x["AP50"] for x in r]),
+            _mean_std([x["train_seconds"] / 60 for x in r]),
+        ]
+        for m, r in results.items()
+    ]
     print(f"\n{machine()}\n")
     print(table(["method", "seeds", "box AP", "AP50", "training minutes"], rows))
     plot(results, args.out / "ap_vs_time.png")
-    save_json(str(args.out / "results.json"), {"machine": machine(), "seeds": args.seeds,
-                                               "results": results})
+    save_json(
+        str(args.out / "results.json"),
+        {"machine": machine(), "seeds": args.seeds, "results": results},
+    )
     print(f"\nplot: {args.out / 'ap_vs_time.png'}")
 
 

@@ -15,6 +15,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
 from common import machine, save_json, table
 from phase_cost import measure
 
@@ -23,8 +24,9 @@ def _fits(config_file, opts, phase, batch, budget_mb) -> tuple[bool, float]:
     """Train 3 iterations at ``batch`` images in a fresh process; (fits, peak MB)."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         try:
-            peak = pool.submit(measure, config_file, opts, phase, {"IMS_PER_BATCH": batch},
-                               2, 1).result()["peak_mb"]
+            peak = pool.submit(
+                measure, config_file, opts, phase, {"IMS_PER_BATCH": batch}, 2, 1
+            ).result()["peak_mb"]
         except torch.cuda.OutOfMemoryError:
             return False, float("inf")
     return peak <= budget_mb, peak
@@ -40,8 +42,10 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("memory_planner: needs a GPU (peak GPU memory is measured, not estimated); "
-                 "none is available here.")
+        sys.exit(
+            "memory_planner: needs a GPU (peak GPU memory is measured, not estimated); "
+            "none is available here."
+        )
     budget = args.budget_gb * 1024
     tried, batch, good, bad = [], 1, 0, args.max_batch + 1
     while batch < bad and batch <= args.max_batch:  # double, then bisect

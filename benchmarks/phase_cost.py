@@ -17,13 +17,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from common import DEMO_CONFIG, machine, peak_memory_mb, phase_cfg, save_json, table
 
 from direct_pretrain.trainer import DirectPretrainTrainer
 
+from common import DEMO_CONFIG, machine, peak_memory_mb, phase_cfg, save_json, table
+
 # Model parts timed in the forward pass, by attribute path (absent ones are skipped).
-PARTS = {"backbone body": "backbone.bottom_up", "backbone+FPN": "backbone",
-         "RPN": "proposal_generator", "RoI heads": "roi_heads", "dense head": "head"}
+PARTS = {
+    "backbone body": "backbone.bottom_up",
+    "backbone+FPN": "backbone",
+    "RPN": "proposal_generator",
+    "RoI heads": "roi_heads",
+    "dense head": "head",
+}
 
 
 def _module(model, path: str):
@@ -42,15 +48,20 @@ def _time_parts(model) -> dict[str, float]:
         if module is None:
             continue
         totals[label] = 0.0
-        module.register_forward_pre_hook(lambda m, i, label=label: starts.__setitem__(
-            label, time.perf_counter()))
-        module.register_forward_hook(lambda m, i, o, label=label: totals.__setitem__(
-            label, totals[label] + time.perf_counter() - starts[label]))
+        module.register_forward_pre_hook(
+            lambda m, i, label=label: starts.__setitem__(label, time.perf_counter())
+        )
+        module.register_forward_hook(
+            lambda m, i, o, label=label: totals.__setitem__(
+                label, totals[label] + time.perf_counter() - starts[label]
+            )
+        )
     return totals
 
 
-def measure(config_file: str, opts: list[str], phase: str, changes: dict, iters: int,
-            warmup: int) -> dict:
+def measure(
+    config_file: str, opts: list[str], phase: str, changes: dict, iters: int, warmup: int
+) -> dict:
     """Train ``warmup + iters`` iterations of one setting; return its timings and memory."""
     torch.manual_seed(0)
     cfg = phase_cfg(config_file, [*opts, "DATALOADER.NUM_WORKERS", "0"], phase, changes)
@@ -58,8 +69,9 @@ def measure(config_file: str, opts: list[str], phase: str, changes: dict, iters:
     optimizer = DirectPretrainTrainer.build_optimizer(cfg, model)
     loader = iter(DirectPretrainTrainer.build_train_loader(cfg))
     batches = [next(loader) for _ in range(warmup + iters)]
-    pixels = sum(b["image"].shape[1] * b["image"].shape[2] for batch in batches
-                 for b in batch) / sum(len(b) for b in batches)
+    pixels = sum(
+        b["image"].shape[1] * b["image"].shape[2] for batch in batches for b in batch
+    ) / sum(len(b) for b in batches)
     parts = _time_parts(model)
     model.train()
     forward = backward = update = 0.0
@@ -92,10 +104,14 @@ def measure(config_file: str, opts: list[str], phase: str, changes: dict, iters:
     ms["other forward"] = 1000 * forward / images - sum(ms.values())
     ms["backward"] = 1000 * backward / images
     ms["optimizer step"] = 1000 * update / images
-    return {"images_per_s": images / (forward + backward + update), "pixels": pixels,
-            "ms_per_image": ms, "peak_mb": peak_memory_mb(),
-            "roi_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-            "size": f"{int(pixels ** 0.5)}^2"}
+    return {
+        "images_per_s": images / (forward + backward + update),
+        "pixels": pixels,
+        "ms_per_image": ms,
+        "peak_mb": peak_memory_mb(),
+        "roi_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+        "size": f"{int(pixels ** 0.5)}^2",
+    }
 
 
 def main() -> None:
@@ -116,14 +132,16 @@ def main() -> None:
     # the input: show the pre-train setting with the fine-tune's RoIs and with half its own.
     for roi in dict.fromkeys((fine_roi, pre_roi // 2)):
         if roi != pre_roi:
-            settings.append((f"pre-train, {roi} RoIs/image", "PRETRAIN",
-                             {"ROI_BATCH_SIZE_PER_IMAGE": roi}))
+            settings.append(
+                (f"pre-train, {roi} RoIs/image", "PRETRAIN", {"ROI_BATCH_SIZE_PER_IMAGE": roi})
+            )
     results = {}
     for label, phase, changes in settings:
         changes = {"IMS_PER_BATCH": args.batch, **changes}
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            results[label] = pool.submit(measure, args.config_file, args.opts, phase, changes,
-                                         args.iters, args.warmup).result()
+            results[label] = pool.submit(
+                measure, args.config_file, args.opts, phase, changes, args.iters, args.warmup
+            ).result()
         print(f"{label}: {results[label]['images_per_s']:.2f} images/s", flush=True)
 
     fine = results["fine-tune"]
@@ -132,13 +150,39 @@ def main() -> None:
     for label, r in results.items():
         ratio = fine["pixels"] / r["pixels"]
         speed = r["images_per_s"] / fine["images_per_s"]
-        rows.append([label, r["size"], r["roi_per_image"], r["images_per_s"], speed, ratio,
-                     f"{speed / ratio:.2f}", round(r["peak_mb"]),
-                     *[round(r["ms_per_image"].get(p, 0.0)) for p in parts]])
-    print(f"\n{machine()}\nbatch {args.batch}, {args.iters} timed iterations, "
-          f"{args.config_file}\n")
-    print(table(["setting", "input", "RoIs/img", "images/s", "speed-up", "pixel ratio",
-                 "speed-up / ratio", "peak MB", *[f"{p} ms/img" for p in parts]], rows))
+        rows.append(
+            [
+                label,
+                r["size"],
+                r["roi_per_image"],
+                r["images_per_s"],
+                speed,
+                ratio,
+                f"{speed / ratio:.2f}",
+                round(r["peak_mb"]),
+                *[round(r["ms_per_image"].get(p, 0.0)) for p in parts],
+            ]
+        )
+    print(
+        f"\n{machine()}\nbatch {args.batch}, {args.iters} timed iterations, "
+        f"{args.config_file}\n"
+    )
+    print(
+        table(
+            [
+                "setting",
+                "input",
+                "RoIs/img",
+                "images/s",
+                "speed-up",
+                "pixel ratio",
+                "speed-up / ratio",
+                "peak MB",
+                *[f"{p} ms/img" for p in parts],
+            ],
+            rows,
+        )
+    )
     save_json(args.json, {"machine": machine(), "batch": args.batch, "results": results})
 
 

@@ -28,16 +28,26 @@ def write_synthetic_coco(folder: Path, num_images: int, size: int, seed: int) ->
             x, y = rng.integers(0, size - w), rng.integers(0, size - h)
             image[y : y + h, x : x + w] = rng.integers(150, 255, 3, dtype=np.uint8)
             x0, y0, x1, y1 = int(x), int(y), int(x + w), int(y + h)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-                                "iscrowd": 0, "category_id": 1})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                    "iscrowd": 0,
+                    "category_id": 1,
+                }
+            )
         name = f"img{i:03d}.png"
         Image.fromarray(image).save(folder / "images" / name)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
     json_file = folder / "annotations.json"
-    json_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                     "categories": [{"id": 1, "name": "box"}]}))
+    json_file.write_text(
+        json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}
+        )
+    )
     return json_file
 
 
@@ -67,8 +77,10 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
     if not isinstance(cfg, DictConfig):
         cfg.defrost()
     node = cfg.DIRECT_PRETRAIN
-    node.REGISTER_COCO = [["tiny_train", *synthetic_data["train"]],
-                          ["tiny_val", *synthetic_data["val"]]]
+    node.REGISTER_COCO = [
+        ["tiny_train", *synthetic_data["train"]],
+        ["tiny_val", *synthetic_data["val"]],
+    ]
     node.CACHE_DIR = str(cache_dir or output_dir / "cache")
     node.PIXEL_STATS = "config"
     for phase, size, batch in (("PRETRAIN", 32, 4), ("BOX_DOMAIN", 64, 2), ("FINETUNE", 64, 2)):

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_cfg  # this script's folder (tests/) is on sys.path
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils import io as dp_io
+
+from conftest import tiny_cfg  # this script's folder (tests/) is on sys.path
 
 
 def die() -> None:

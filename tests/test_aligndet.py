@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.utils.events import EventStorage
@@ -21,6 +20,8 @@ from direct_pretrain.bridge import bridge_state_dict
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.phases import PhaseConfigError, phase_config
 from direct_pretrain.trainer import DirectPretrainTrainer
+
+from conftest import tiny_cfg
 
 
 def test_info_nce_on_hand_made_embeddings():
@@ -83,8 +84,12 @@ def test_views_keep_pseudo_boxes_on_the_same_content(monkeypatch):
     image = np.zeros((80, 120, 3), dtype=np.uint8)
     image[10:30, 20:60] = 255  # the object: a white rectangle
     monkeypatch.setattr(detection_utils, "read_image", lambda *args, **kwargs: image)
-    mapper = TwoViewMapper({"x.png": np.array([[20, 10, 60, 30], [0, 0, 2, 2.0]])},
-                           [T.ResizeShortestEdge((40, 120), 200), T.RandomFlip()], "BGR", 4.0)
+    mapper = TwoViewMapper(
+        {"x.png": np.array([[20, 10, 60, 30], [0, 0, 2, 2.0]])},
+        [T.ResizeShortestEdge((40, 120), 200), T.RandomFlip()],
+        "BGR",
+        4.0,
+    )
     views = [mapper({"file_name": "x.png"}) for _ in range(8)]
     sizes = set()
     for out in views:
@@ -93,7 +98,7 @@ def test_views_keep_pseudo_boxes_on_the_same_content(monkeypatch):
             boxes = view["instances"].gt_boxes.tensor
             assert len(boxes) == 1  # the 2x2 box is dropped from both views
             x0, y0, x1, y1 = boxes[0].round().int().tolist()
-            inside = view["image"][:, y0 + 1:y1 - 1, x0 + 1:x1 - 1].float()
+            inside = view["image"][:, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].float()
             assert inside.mean() > 250  # the box still covers the white rectangle
             sizes.add(tuple(view["image"].shape[1:]))
     assert len(sizes) > 1  # views are resized independently
@@ -101,13 +106,16 @@ def test_views_keep_pseudo_boxes_on_the_same_content(monkeypatch):
 
 def test_filter_boxes_rules():
     node = get_cfg().ALIGNDET.PROPOSALS
-    boxes = np.array([
-        [0, 0, 50, 50],      # kept
-        [1, 1, 51, 51],      # duplicate of the first (IoU > 0.5): suppressed
-        [0, 0, 100, 10],     # aspect ratio 10: dropped
-        [0, 0, 0.5, 0.5],    # below the minimum relative size: dropped
-        [60, 60, 120, 100],  # kept
-    ], dtype=float)
+    boxes = np.array(
+        [
+            [0, 0, 50, 50],  # kept
+            [1, 1, 51, 51],  # duplicate of the first (IoU > 0.5): suppressed
+            [0, 0, 100, 10],  # aspect ratio 10: dropped
+            [0, 0, 0.5, 0.5],  # below the minimum relative size: dropped
+            [60, 60, 120, 100],  # kept
+        ],
+        dtype=float,
+    )
     kept = filter_boxes(boxes, 200, 200, node)
     assert kept.tolist() == [[0, 0, 50, 50], [60, 60, 120, 100]]
 
@@ -127,8 +135,7 @@ def test_proposal_sources(tmp_path, box_domain_cfg):
     own = tmp_path / "mine.json"
     own.write_text(json.dumps({"a.png": [[10, 8, 50, 40]]}))  # matched by base name
     node.FILE = str(own)
-    assert load_proposals(dicts, node, tmp_path / "cache")[str(path)].tolist() == [
-        [10, 8, 50, 40]]
+    assert load_proposals(dicts, node, tmp_path / "cache")[str(path)].tolist() == [[10, 8, 50, 40]]
     own.write_text(json.dumps({"b.png": [[10, 8, 50, 40]]}))
     with pytest.raises(KeyError, match="no boxes for 1 training image"):
         load_proposals(dicts, node, tmp_path / "cache")
@@ -143,14 +150,17 @@ def test_transfer_drops_exactly_the_prediction_layers(box_domain_cfg):
     assert set(report.reinitialised) == predictor and len(predictor) == 4
     assert all(v == "dropped by request" for v in report.reinitialised.values())
     assert {k for k in report.ignored if not k.startswith("target.")} == {
-        f"roi_heads.box_predictor.projector.{k}" for k in (
-            "0.weight", "0.bias", "2.weight", "2.bias")}
+        f"roi_heads.box_predictor.projector.{k}"
+        for k in ("0.weight", "0.bias", "2.weight", "2.bias")
+    }
     fine.defrost()
     fine.ALIGNDET.KEEP_PREDICTORS = True
     _, kept = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(fine))
     # Only the classifier (absent from the box-domain model) is new; the regression is kept.
-    assert set(kept.reinitialised) == {"roi_heads.box_predictor.cls_score.weight",
-                                      "roi_heads.box_predictor.cls_score.bias"}
+    assert set(kept.reinitialised) == {
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+    }
 
 
 def test_unsupported_detector_is_refused(box_domain_cfg):

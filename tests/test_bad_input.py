@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_cfg
 from detectron2.engine import HookBase
 
 from direct_pretrain.checkpoint import SafeCheckpointer
@@ -21,19 +20,23 @@ from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils.env import has_cpp_ops
 from direct_pretrain.utils.io import ensure_writable_dir
 
+from conftest import tiny_cfg
+
 
 def test_missing_annotation_file_is_named(synthetic_data, tmp_path):
     cfg = tiny_cfg(synthetic_data, tmp_path)
-    cfg.DIRECT_PRETRAIN.REGISTER_COCO = [["tiny_train", str(tmp_path / "nope.json"),
-                                          synthetic_data["train"][1]]]
+    cfg.DIRECT_PRETRAIN.REGISTER_COCO = [
+        ["tiny_train", str(tmp_path / "nope.json"), synthetic_data["train"][1]]
+    ]
     with pytest.raises(FileNotFoundError, match=r"REGISTER_COCO\[0\].*nope\.json"):
         register_datasets(cfg)
 
 
 def test_missing_image_folder_is_named(synthetic_data, tmp_path):
     cfg = tiny_cfg(synthetic_data, tmp_path)
-    cfg.DIRECT_PRETRAIN.REGISTER_COCO = [["tiny_train", synthetic_data["train"][0],
-                                          str(tmp_path / "no_images")]]
+    cfg.DIRECT_PRETRAIN.REGISTER_COCO = [
+        ["tiny_train", synthetic_data["train"][0], str(tmp_path / "no_images")]
+    ]
     with pytest.raises(FileNotFoundError, match="no_images"):
         register_datasets(cfg)
 
@@ -79,8 +82,11 @@ def test_unreadable_image(synthetic_data, tmp_path, policy):
 
 def _coco(tmp_path, annotations, images=None, categories=None):
     data = {
-        "images": images if images is not None else [{"id": 1, "file_name": "a.png",
-                                                       "width": 50, "height": 40}],
+        "images": (
+            images
+            if images is not None
+            else [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}]
+        ),
         "annotations": annotations,
         "categories": categories if categories is not None else [{"id": 1, "name": "x"}],
     }
@@ -90,32 +96,47 @@ def _coco(tmp_path, annotations, images=None, categories=None):
 
 
 def _ann(i, bbox, category=1, image=1):
-    return {"id": i, "image_id": image, "category_id": category, "bbox": bbox,
-            "area": 1.0, "iscrowd": 0}
+    return {
+        "id": i,
+        "image_id": image,
+        "category_id": category,
+        "bbox": bbox,
+        "area": 1.0,
+        "iscrowd": 0,
+    }
 
 
-@pytest.mark.parametrize("annotations, images, message", [
-    ([], None, "no annotations"),
-    ([_ann(1, [0, 0, 5, 5])], [], "no images"),
-    ([_ann(7, [0, 0, 5, 5], category=3), _ann(8, [0, 0, 5, 5], category=4)], None,
-     r"category_id not in categories: ids 7, 8 \(declared categories: 1\)"),
-    ([_ann(5, [0, 0, 5, 5], image=9)], None, "unknown image_id: ids 5"),
-    ([_ann(6, [0, 0, 5])], None, "bbox is not 4 finite numbers: ids 6"),
-    ([_ann(1, [0, 0, 5, 5])], [{"id": 1, "file_name": "a.png"}], "without width/height"),
-])
+@pytest.mark.parametrize(
+    "annotations, images, message",
+    [
+        ([], None, "no annotations"),
+        ([_ann(1, [0, 0, 5, 5])], [], "no images"),
+        (
+            [_ann(7, [0, 0, 5, 5], category=3), _ann(8, [0, 0, 5, 5], category=4)],
+            None,
+            r"category_id not in categories: ids 7, 8 \(declared categories: 1\)",
+        ),
+        ([_ann(5, [0, 0, 5, 5], image=9)], None, "unknown image_id: ids 5"),
+        ([_ann(6, [0, 0, 5])], None, "bbox is not 4 finite numbers: ids 6"),
+        ([_ann(1, [0, 0, 5, 5])], [{"id": 1, "file_name": "a.png"}], "without width/height"),
+    ],
+)
 def test_invalid_coco_is_refused_naming_ids(tmp_path, annotations, images, message):
     with pytest.raises(DatasetError, match=message):
         checked_coco_json("mine", _coco(tmp_path, annotations, images), tmp_path / "cache")
 
 
 def test_boxes_outside_or_empty_are_repaired_with_counts(tmp_path, caplog):
-    source = _coco(tmp_path, [
-        _ann(1, [10, 10, 5, 5]),      # fine
-        _ann(2, [45, 30, 20, 20]),    # reaches outside: clipped to 5 x 10
-        _ann(3, [-5, 0, 10, 10]),     # reaches outside: clipped to 5 x 10
-        _ann(4, [10, 10, 0, 5]),      # zero width: dropped
-        _ann(5, [60, 10, 5, 5]),      # entirely outside: dropped
-    ])
+    source = _coco(
+        tmp_path,
+        [
+            _ann(1, [10, 10, 5, 5]),  # fine
+            _ann(2, [45, 30, 20, 20]),  # reaches outside: clipped to 5 x 10
+            _ann(3, [-5, 0, 10, 10]),  # reaches outside: clipped to 5 x 10
+            _ann(4, [10, 10, 0, 5]),  # zero width: dropped
+            _ann(5, [60, 10, 5, 5]),  # entirely outside: dropped
+        ],
+    )
     used = checked_coco_json("mine", source, tmp_path / "cache")
     assert used != source and "2 boxes clipped" in caplog.text and "2 boxes" in caplog.text
     boxes = {a["id"]: a["bbox"] for a in json.loads(open(used).read())["annotations"]}
@@ -165,15 +186,20 @@ class _PoisonAfter(HookBase):
                     p.fill_(float("nan"))
 
 
-def test_non_finite_loss_names_phase_iteration_and_checkpoint(synthetic_data, tmp_path,
-                                                               monkeypatch):
+def test_non_finite_loss_names_phase_iteration_and_checkpoint(
+    synthetic_data, tmp_path, monkeypatch
+):
     cfg = tiny_cfg(synthetic_data, tmp_path)
     cfg.DIRECT_PRETRAIN.PRETRAIN.MAX_ITER = 6
     build_hooks = DirectPretrainTrainer.build_hooks
-    monkeypatch.setattr(DirectPretrainTrainer, "build_hooks",
-                        lambda self: [_PoisonAfter(2), *build_hooks(self)])
-    with pytest.raises(FloatingPointError, match=r"phase PRETRAIN: training diverged at "
-                       r"iteration 2 .*not saving checkpoint 'model_0000002'.*model_0000001\.pth"):
+    monkeypatch.setattr(
+        DirectPretrainTrainer, "build_hooks", lambda self: [_PoisonAfter(2), *build_hooks(self)]
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"phase PRETRAIN: training diverged at "
+        r"iteration 2 .*not saving checkpoint 'model_0000002'.*model_0000001\.pth",
+    ):
         run_pipeline(cfg)
     last = (tmp_path / "pretrain" / "last_checkpoint").read_text()
     state = torch.load(tmp_path / "pretrain" / last, weights_only=True)["model"]

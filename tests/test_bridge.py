@@ -6,17 +6,22 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import ImageList
 
 from direct_pretrain.bridge import (
-    BridgeError, bridge_checkpoint, bridge_state_dict, report_path, resize_position_table,
+    BridgeError,
+    bridge_checkpoint,
+    bridge_state_dict,
+    report_path,
+    resize_position_table,
 )
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.modeling import TimmSwin
 from direct_pretrain.phases import phase_config
 from direct_pretrain.trainer import DirectPretrainTrainer
+
+from conftest import tiny_cfg
 
 
 @pytest.fixture
@@ -92,8 +97,10 @@ def test_class_count_change_reinitialises_only_the_predictor(phases):
     target = DirectPretrainTrainer.build_model(_with(fine, **{"MODEL.ROI_HEADS.NUM_CLASSES": 3}))
     state, report = bridge_state_dict(source.state_dict(), target)
     assert set(report.reinitialised) == {
-        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
-        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.bbox_pred.bias",
     }
     assert all("class count changed" in why for why in report.reinitialised.values())
     key = "roi_heads.box_head.fc1.weight"
@@ -137,8 +144,11 @@ def test_swin_window_change_resizes_position_tables():
     state, report = bridge_state_dict(small.state_dict(), large)
     before, after = small.state_dict(), large.state_dict()
     # timm caps the window at a stage's resolution (7 at the last stage of a 224 input).
-    resized = {k for k in after if k.endswith("relative_position_bias_table")
-               and after[k].shape != before[k].shape}
+    resized = {
+        k
+        for k in after
+        if k.endswith("relative_position_bias_table") and after[k].shape != before[k].shape
+    }
     assert len(resized) == 10 and set(report.converted) == resized
     assert all("13x13 -> 23x23" in v for v in report.converted.values())
     assert all(state[k].shape == after[k].shape for k in resized)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from direct_pretrain import get_cfg
 from direct_pretrain.config import load_config, model_zoo_path
 from direct_pretrain.kinds import kind_of
 from direct_pretrain.phases import active_phases
 
+from conftest import ROOT
+
 # Runnable configs; Base-*.yaml and common/*.py are pieces other configs inherit.
 CONFIGS = sorted(
-    p for p in (ROOT / "configs").rglob("*")
+    p
+    for p in (ROOT / "configs").rglob("*")
     if p.suffix in (".yaml", ".py") and not p.name.startswith("Base-") and "common" not in p.parts
 )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT
 
 
@@ -34,15 +35,18 @@ PATCHED = importlib.util.find_spec("detectron2._direct_pretrain_fixes") is not N
 
 # --- the fixer ------------------------------------------------------------------------------
 
+
 def test_fix_applies_and_a_missing_pattern_is_named(tmp_path):
     (tmp_path / "a.py").write_text("x = np.int(3)\ny = np.int64(2)\n")
     fix = next(f for f in installer.FIXES if f.key == "numpy-aliases")
-    installer.apply_fix(tmp_path, installer.Fix(fix.key, "", ("a.py",), fix.pattern,
-                                                fix.replacement))
+    installer.apply_fix(
+        tmp_path, installer.Fix(fix.key, "", ("a.py",), fix.pattern, fix.replacement)
+    )
     assert (tmp_path / "a.py").read_text() == "x = int(3)\ny = np.int64(2)\n"
     with pytest.raises(installer.InstallError, match="'numpy-aliases': pattern not found in a.py"):
-        installer.apply_fix(tmp_path, installer.Fix(fix.key, "", ("a.py",), fix.pattern,
-                                                    fix.replacement))
+        installer.apply_fix(
+            tmp_path, installer.Fix(fix.key, "", ("a.py",), fix.pattern, fix.replacement)
+        )
     with pytest.raises(installer.InstallError, match="b.py is missing"):
         installer.apply_fix(tmp_path, installer.Fix("k", "", ("b.py",), "x", "y"))
 
@@ -69,6 +73,7 @@ def test_marker_digest_tracks_the_fixes():
 
 
 # --- each fix, by behaviour -----------------------------------------------------------------
+
 
 def test_optional_cpp_ops_modules_import():
     import detectron2.evaluation.fast_eval_api  # noqa: F401
@@ -114,8 +119,13 @@ def test_dense_head_with_group_norm():
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-    head = RetinaNetHead(input_shape=[ShapeSpec(channels=32)] * 2, num_classes=3,
-                         num_anchors=1, conv_dims=[32], norm="GN")
+    head = RetinaNetHead(
+        input_shape=[ShapeSpec(channels=32)] * 2,
+        num_classes=3,
+        num_anchors=1,
+        conv_dims=[32],
+        norm="GN",
+    )
     logits, deltas = head([torch.rand(1, 32, 8, 8), torch.rand(1, 32, 4, 4)])
     assert logits[0].shape == (1, 3, 8, 8) and deltas[1].shape == (1, 4, 4, 4)
 
@@ -150,8 +160,10 @@ def _all_reduce_on_cpu(result_file: str) -> None:
     dist.destroy_process_group()  # gloo threads left running abort the process at exit
 
 
-@pytest.mark.skipif(not PATCHED or torch.cuda.is_available(),
-                    reason="checks the CPU launch fixes of the registry copy")
+@pytest.mark.skipif(
+    not PATCHED or torch.cuda.is_available(),
+    reason="checks the CPU launch fixes of the registry copy",
+)
 def test_launch_and_ddp_on_cpu(tmp_path):
     from detectron2.engine import launch
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
 
 from direct_pretrain.config import load_config
 from direct_pretrain.kinds import kind_of
 from direct_pretrain.trainer import build_train_augmentations
+
+from conftest import ROOT
 
 YACS = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml")
 LAZY = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
@@ -22,8 +23,11 @@ def _phase(path: str, phase: str):
 
 def _params(augmentation) -> tuple:
     """An augmentation's class and constructor values (lists and tuples alike)."""
-    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-              for k, v in vars(augmentation).items() if not k.startswith("_")}
+    values = {
+        k: tuple(v) if isinstance(v, (list, tuple)) else v
+        for k, v in vars(augmentation).items()
+        if not k.startswith("_")
+    }
     return type(augmentation).__name__, values
 
 
@@ -56,8 +60,10 @@ def test_same_augmentations_schedule_and_solver(phase):
     yacs_augs = [_params(a) for a in build_train_augmentations(y)]
     assert lazy_augs == yacs_augs and len(yacs_augs) == (3 if phase == "PRETRAIN" else 2)
     test_aug = instantiate(lz.dataloader.test.mapper.augmentations)[0]
-    assert (test_aug.short_edge_length[0], test_aug.max_size) == (y.INPUT.MIN_SIZE_TEST,
-                                                                  y.INPUT.MAX_SIZE_TEST)
+    assert (test_aug.short_edge_length[0], test_aug.max_size) == (
+        y.INPUT.MIN_SIZE_TEST,
+        y.INPUT.MAX_SIZE_TEST,
+    )
     assert lz.train.max_iter == y.SOLVER.MAX_ITER
     assert list(lz.lr_multiplier.scheduler.milestones) == list(y.SOLVER.STEPS)
     assert lz.optimizer.lr == y.SOLVER.BASE_LR

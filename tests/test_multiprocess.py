@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_cfg
 from detectron2.engine import HookBase, launch
 from detectron2.utils import comm
 
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.trainer import DirectPretrainTrainer
+
+from conftest import tiny_cfg
 
 NORM = "backbone.bottom_up.stem.conv1.norm"
 
@@ -28,8 +29,10 @@ class _SaveNormStats(HookBase):
         model = model.module if hasattr(model, "module") else model
         layer = dict(model.named_modules())[NORM]
         phase = self.trainer.cfg.DIRECT_PRETRAIN.PHASE
-        torch.save({"mean": layer.running_mean.clone(), "type": type(layer).__name__},
-                   f"{self.folder}/{phase}_rank{comm.get_rank()}.pt")
+        torch.save(
+            {"mean": layer.running_mean.clone(), "type": type(layer).__name__},
+            f"{self.folder}/{phase}_rank{comm.get_rank()}.pt",
+        )
 
 
 def _worker(cfg, folder: str) -> None:
@@ -49,8 +52,11 @@ def test_two_processes_sync_bn_only_where_the_phase_says(synthetic_data, tmp_pat
     cfg.DIRECT_PRETRAIN.FINETUNE.BACKBONE_NORM = "SyncBN"  # naiveSyncBN on CPU
     launch(_worker, 2, dist_url="auto", args=(cfg, str(tmp_path)))
 
-    stats = {(p, r): torch.load(tmp_path / f"{p}_rank{r}.pt", weights_only=True)
-             for p in ("PRETRAIN", "FINETUNE") for r in (0, 1)}
+    stats = {
+        (p, r): torch.load(tmp_path / f"{p}_rank{r}.pt", weights_only=True)
+        for p in ("PRETRAIN", "FINETUNE")
+        for r in (0, 1)
+    }
     assert stats["PRETRAIN", 0]["type"] == "BatchNorm2d"
     assert not torch.allclose(stats["PRETRAIN", 0]["mean"], stats["PRETRAIN", 1]["mean"])
     assert stats["FINETUNE", 0]["type"] == "NaiveSyncBatchNorm"

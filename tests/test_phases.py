@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_cfg
 
 from direct_pretrain import get_cfg
 from direct_pretrain.phases import PhaseConfigError, active_phases, phase_config, schedule
+
+from conftest import tiny_cfg
 
 
 def test_schedule_epochs_repeat_and_steps():

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cfg
 
+from direct_pretrain.bridge import BridgeError
 from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
+
+from conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,9 @@ def test_rerun_with_a_result_changing_config_is_refused(finished):
     cfg = cfg.clone()
     lr = cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR
     cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.05
-    with pytest.raises(PhaseStateError, match=rf"DIRECT_PRETRAIN\.PRETRAIN\.BASE_LR: {lr} -> 0\.05"):
+    with pytest.raises(
+        PhaseStateError, match=rf"DIRECT_PRETRAIN\.PRETRAIN\.BASE_LR: {lr} -> 0\.05"
+    ):
         run_pipeline(cfg)
     cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = lr
     cfg.DATALOADER.NUM_WORKERS = 1  # does not change results: accepted
@@ -80,6 +84,13 @@ def test_eval_only(finished):
     assert results["bbox"]["AP"] == pytest.approx(summary["phases"]["FINETUNE"]["AP"])
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         evaluate_weights(cfg, str(Path(out) / "nowhere.pth"))
+    # The pre-trained model evaluates too (its BN statistics become FrozenBN) ...
+    evaluate_weights(cfg, str(out / "pretrain" / "model_final.pth"))
+    # ... but a checkpoint of another model is an error naming the keys.
+    other = cfg.clone()
+    other.MODEL.FPN.OUT_CHANNELS = 48
+    with pytest.raises(BridgeError, match=r"fpn_lateral2\.weight: shape"):
+        evaluate_weights(other, str(out / "model_final.pth"))
 
 
 def test_single_phase_runs_need_the_previous_phase(synthetic_data, tmp_path):

@@ -14,8 +14,12 @@ HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
 def _run(out: Path, data_json: Path, kill_point: str) -> int:
-    proc = subprocess.run([sys.executable, str(HARNESS), str(out), str(data_json), kill_point],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HARNESS), str(out), str(data_json), kill_point],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"{kill_point}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc.returncode

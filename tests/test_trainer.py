@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
 from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from PIL import Image
@@ -13,6 +12,8 @@ from PIL import Image
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.phases import phase_config
 from direct_pretrain.trainer import DirectPretrainTrainer, build_train_augmentations
+
+from conftest import tiny_cfg
 
 
 def _phase(synthetic_data, tmp_path, phase):
@@ -22,8 +23,11 @@ def _phase(synthetic_data, tmp_path, phase):
 
 
 def _backbone_norms(model) -> set[type]:
-    return {type(m) for name, m in model.named_modules()
-            if name.startswith("backbone.bottom_up") and name.endswith("norm")}
+    return {
+        type(m)
+        for name, m in model.named_modules()
+        if name.startswith("backbone.bottom_up") and name.endswith("norm")
+    }
 
 
 def test_models_swap_norms(synthetic_data, tmp_path):
@@ -81,10 +85,14 @@ def test_resized_cache_gives_the_same_training_sizes(synthetic_data, tmp_path):
     top = max(node.RATIO_RANGE)
     for full, copy in zip(dicts, small):
         scale = copy_scale(full["height"], full["width"], 32 * top, 32 * top)
-        assert (copy["height"], copy["width"]) == (round(64 * scale), round(64 * scale)) == \
-            Image.open(copy["file_name"]).size[::-1]
+        assert (
+            (copy["height"], copy["width"])
+            == (round(64 * scale), round(64 * scale))
+            == Image.open(copy["file_name"]).size[::-1]
+        )
         assert copy["annotations"][0]["bbox"] == pytest.approx(
-            [v * copy["width"] / 64 for v in full["annotations"][0]["bbox"]])
+            [v * copy["width"] / 64 for v in full["annotations"][0]["bbox"]]
+        )
         # ResizeScale's output size depends only on its target: same from either image.
         aug = T.ResizeScale(top, top, 32, 32)
         out_full = aug.get_transform(np.zeros((full["height"], full["width"], 3), np.uint8))

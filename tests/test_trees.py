@@ -11,8 +11,15 @@ from detectron2.data.datasets import load_coco_json
 from PIL import Image
 
 from direct_pretrain.data.trees import (
-    MIN_VISIBLE, SOURCES, TreeTile, build_neon_trees, deepforest_data_dir, make_tiles,
-    split_tiles, tile_annotations, tile_origins,
+    MIN_VISIBLE,
+    SOURCES,
+    TreeTile,
+    build_neon_trees,
+    deepforest_data_dir,
+    make_tiles,
+    split_tiles,
+    tile_annotations,
+    tile_origins,
 )
 
 
@@ -26,12 +33,15 @@ def test_tile_origins_cover_without_padding():
 
 def test_cut_crowns_are_clipped_or_ignored():
     tile = TreeTile("s", 100, 100, 100)
-    boxes = np.array([
-        [120, 120, 140, 140],  # inside
-        [90, 120, 110, 140],   # half inside: kept, clipped
-        [80, 120, 105, 140],   # 20% inside: ignored region
-        [0, 0, 50, 50],        # outside
-    ], dtype=float)
+    boxes = np.array(
+        [
+            [120, 120, 140, 140],  # inside
+            [90, 120, 110, 140],  # half inside: kept, clipped
+            [80, 120, 105, 140],  # 20% inside: ignored region
+            [0, 0, 50, 50],  # outside
+        ],
+        dtype=float,
+    )
     anns = tile_annotations(boxes, tile)
     assert [a["bbox"] for a in anns] == [[20, 20, 20, 20], [0, 20, 10, 20], [0, 20, 5, 20]]
     assert [a["iscrowd"] for a in anns] == [0, 0, 1]
@@ -39,8 +49,9 @@ def test_cut_crowns_are_clipped_or_ignored():
 
 
 def test_split_never_shares_pixels():
-    sizes = {s: size for s, size in zip(SOURCES, [(400, 400), (400, 400), (1249, 1035),
-                                                   (2299, 2472)])}
+    sizes = {
+        s: size for s, size in zip(SOURCES, [(400, 400), (400, 400), (1249, 1035), (2299, 2472)])
+    }
     tiles = make_tiles(sizes, 256)
     train, val = split_tiles(tiles, 4)
     assert len(train) + len(val) == len(tiles) and val
@@ -60,7 +71,8 @@ def fake_sources(tmp_path_factory):
     for i, stem in enumerate(SOURCES):
         size = 80 + 30 * i
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
-            folder / f"{stem}.png")
+            folder / f"{stem}.png"
+        )
         objects = "".join(
             f"<object><name>Tree</name><bndbox><xmin>{x}</xmin><ymin>{x}</ymin>"
             f"<xmax>{x + 12}</xmax><ymax>{x + 15}</ymax></bndbox></object>"

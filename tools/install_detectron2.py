@@ -146,15 +146,34 @@ FIXES: tuple[Fix, ...] = (
 # Packaging changes: install under the name `detectron2`, without the C++ extension, and
 # without the sdist's pinned requirements (this project's requirements.txt provides them).
 PACKAGING: tuple[Fix, ...] = (
-    Fix("dist-name", "install as `detectron2`", ("setup.py",), r'name="pb1-detectron2"',
-        'name="detectron2"'),
-    Fix("no-extension", "the sdist has no C++ sources", ("setup.py",),
-        r"    ext_modules=get_extensions\(\),\n    cmdclass=\{[^}]*\},\n", ""),
-    Fix("no-pinned-requirements", "requirements come from requirements.txt", ("setup.py",),
-        r"install_requires=\[(?:.|\n)*?\n    \],", "install_requires=[],"),
-    Fix("zoo-configs", "the sdist keeps the model-zoo configs inside the package", ("setup.py",),
+    Fix(
+        "dist-name",
+        "install as `detectron2`",
+        ("setup.py",),
+        r'name="pb1-detectron2"',
+        'name="detectron2"',
+    ),
+    Fix(
+        "no-extension",
+        "the sdist has no C++ sources",
+        ("setup.py",),
+        r"    ext_modules=get_extensions\(\),\n    cmdclass=\{[^}]*\},\n",
+        "",
+    ),
+    Fix(
+        "no-pinned-requirements",
+        "requirements come from requirements.txt",
+        ("setup.py",),
+        r"install_requires=\[(?:.|\n)*?\n    \],",
+        "install_requires=[],",
+    ),
+    Fix(
+        "zoo-configs",
+        "the sdist keeps the model-zoo configs inside the package",
+        ("setup.py",),
         r"package_data=\{\"detectron2\.model_zoo\": get_model_zoo_configs\(\)\}",
-        'package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}'),
+        'package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}',
+    ),
 )
 
 
@@ -214,8 +233,16 @@ def pip(*args: str) -> None:
 
 def fetch_sdist(work_dir: Path) -> Path:
     """Download the sdist with pip (its metadata step needs torch, hence no build isolation)."""
-    pip("download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
-        "--dest", str(work_dir), SDIST)
+    pip(
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-binary",
+        ":all:",
+        "--dest",
+        str(work_dir),
+        SDIST,
+    )
     archive = work_dir / SDIST_FILE
     if not archive.is_file():
         raise InstallError(f"pip did not produce {archive}")
@@ -254,8 +281,11 @@ def installed_detectron2() -> tuple[str | None, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true",
-                        help="reinstall the fixed registry copy even if detectron2 is importable")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="reinstall the fixed registry copy even if detectron2 is importable",
+    )
     parser.add_argument("--sdist", type=Path, help="use this local sdist instead of downloading")
     args = parser.parse_args(argv)
 
@@ -273,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         archive = args.sdist or fetch_sdist(tmp_dir)
         root = prepare_source(archive, tmp_dir)
         pip("install", "--no-deps", "--no-build-isolation", "--no-cache-dir", str(root))
-    print(f"installed detectron2 from {SDIST} with {len(FIXES)} compatibility fixes "
-          "(no C++ ops: rotated boxes, deformable conv and the fast COCO evaluator are "
-          "unavailable).")
+    print(
+        f"installed detectron2 from {SDIST} with {len(FIXES)} compatibility fixes "
+        "(no C++ ops: rotated boxes, deformable conv and the fast COCO evaluator are "
+        "unavailable)."
+    )
     return 0
 
 

@@ -30,8 +30,14 @@ from torch.nn import functional as F
 
 from .utils.io import atomic_torch_save, atomic_write_json
 
-__all__ = ["BridgeError", "BridgeReport", "bridge_state_dict", "bridge_checkpoint",
-           "load_model_state", "CLASS_SPECIFIC"]
+__all__ = [
+    "BridgeError",
+    "BridgeReport",
+    "bridge_state_dict",
+    "bridge_checkpoint",
+    "load_model_state",
+    "CLASS_SPECIFIC",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +65,11 @@ class BridgeReport:
     ignored: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"bridge from {self.source or 'state dict'}: {len(self.loaded)} loaded, "
-                f"{len(self.converted)} norm layers converted, {len(self.reinitialised)} "
-                f"re-initialised, {len(self.ignored)} ignored")
+        return (
+            f"bridge from {self.source or 'state dict'}: {len(self.loaded)} loaded, "
+            f"{len(self.converted)} norm layers converted, {len(self.reinitialised)} "
+            f"re-initialised, {len(self.ignored)} ignored"
+        )
 
 
 def _listing(items: list[str]) -> str:
@@ -94,14 +102,17 @@ def resize_position_table(table: torch.Tensor, shape: torch.Size) -> tuple[torch
     """
     old_side, new_side = math.isqrt(table.shape[0]), math.isqrt(shape[0])
     if old_side**2 != table.shape[0] or new_side**2 != shape[0]:
-        raise BridgeError(f"relative position table of shape {tuple(table.shape)} -> "
-                          f"{tuple(shape)} is not a square grid")
+        raise BridgeError(
+            f"relative position table of shape {tuple(table.shape)} -> "
+            f"{tuple(shape)} is not a square grid"
+        )
     heads = table.shape[1]
     grid = table.T.reshape(1, heads, old_side, old_side).float()
-    resized = F.interpolate(grid, size=(new_side, new_side), mode="bicubic",
-                            align_corners=False)
-    note = (f"relative position table {old_side}x{old_side} -> {new_side}x{new_side} "
-            "(window size changed; bicubic)")
+    resized = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    note = (
+        f"relative position table {old_side}x{old_side} -> {new_side}x{new_side} "
+        "(window size changed; bicubic)"
+    )
     return resized.reshape(heads, -1).T.contiguous().to(table.dtype), note
 
 
@@ -156,8 +167,10 @@ def bridge_state_dict(
         src_has_stats = f"{name}.running_mean" in source
         trainable_source = f"{name}.num_batches_tracked" in source
         if src_has_stats and not _has_stats(module):
-            errors.append(f"{name}: BatchNorm statistics in the checkpoint cannot become "
-                          f"{type(module).__name__} (use BN, SyncBN, naiveSyncBN or FrozenBN)")
+            errors.append(
+                f"{name}: BatchNorm statistics in the checkpoint cannot become "
+                f"{type(module).__name__} (use BN, SyncBN, naiveSyncBN or FrozenBN)"
+            )
         elif trainable_source and type(module) is not nn.BatchNorm2d:
             report.converted[name] = f"BatchNorm -> {type(module).__name__}"
 
@@ -227,8 +240,12 @@ def bridge_checkpoint(
     """
     source = load_model_state(source_path)
     state, report = bridge_state_dict(
-        source, target, reinit_on_class_change=reinit_on_class_change, drop=drop,
-        select=select, source_name=str(source_path),
+        source,
+        target,
+        reinit_on_class_change=reinit_on_class_change,
+        drop=drop,
+        select=select,
+        source_name=str(source_path),
     )
     output_path = Path(output_path)
     atomic_write_json(report_path(output_path), asdict(report))

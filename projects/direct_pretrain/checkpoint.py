@@ -51,8 +51,11 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> dict:
         if filename.endswith(".pkl"):
-            logger.warning("Loading %s with pickle (a legacy Detectron2 format): pickle can run "
-                           "code, load only files you trust.", filename)
+            logger.warning(
+                "Loading %s with pickle (a legacy Detectron2 format): pickle can run "
+                "code, load only files you trust.",
+                filename,
+            )
             return super()._load_file(filename)
         try:
             with open(filename, "rb") as f:

@@ -18,8 +18,15 @@ from detectron2.config import get_cfg as _d2_get_cfg
 from .aligndet.config import add_aligndet_config
 from .modeling import add_fcos_config, add_swin_config
 
-__all__ = ["CfgNode", "PHASE_NAMES", "add_direct_pretrain_config", "check_lazy_node", "get_cfg",
-           "load_config", "model_zoo_path"]
+__all__ = [
+    "CfgNode",
+    "PHASE_NAMES",
+    "add_direct_pretrain_config",
+    "check_lazy_node",
+    "get_cfg",
+    "load_config",
+    "model_zoo_path",
+]
 
 CN = _D2CfgNode
 
@@ -209,8 +216,9 @@ def check_lazy_node(node, schema: CN | None = None, prefix: str = "DIRECT_PRETRA
         if isinstance(expected, CN):
             check_lazy_node(value, expected, name)
         elif not _same_type(expected, value):
-            raise ValueError(f"config key {name}: {value!r} is not of the type of its default "
-                             f"{expected!r}")
+            raise ValueError(
+                f"config key {name}: {value!r} is not of the type of its default " f"{expected!r}"
+            )
 
 
 def _same_type(default, value) -> bool:
@@ -245,14 +253,19 @@ def load_config(path: str, opts: list[str] = ()):
         key, sep, _ = opt.partition("=")
         if not sep:
             raise ValueError(f"LazyConfig override '{opt}' is not of the form a.b=c")
-        if OmegaConf.select(cfg, key.lstrip("+"), default=_MISSING) is _MISSING and not \
-                key.startswith("+"):
-            raise KeyError(f"Non-existent config key: {key} (in {path}; prefix it with '+' "
-                           "to add a new key)")
+        if OmegaConf.select(
+            cfg, key.lstrip("+"), default=_MISSING
+        ) is _MISSING and not key.startswith("+"):
+            raise KeyError(
+                f"Non-existent config key: {key} (in {path}; prefix it with '+' "
+                "to add a new key)"
+            )
     cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in opts])
     if "DIRECT_PRETRAIN" not in cfg:
-        raise KeyError(f"{path} defines no DIRECT_PRETRAIN node (use "
-                       "direct_pretrain.lazy.default_direct_pretrain())")
+        raise KeyError(
+            f"{path} defines no DIRECT_PRETRAIN node (use "
+            "direct_pretrain.lazy.default_direct_pretrain())"
+        )
     check_lazy_node(cfg.DIRECT_PRETRAIN)
     return cfg
 

@@ -48,8 +48,14 @@ class ConfigKind:
 
 
 class YacsKind(ConfigKind):
-    resume_safe_keys = ("DATALOADER.NUM_WORKERS", "MODEL.DEVICE", "SOLVER.CHECKPOINT_PERIOD",
-                        "TEST.EVAL_PERIOD", "SOLVER.AMP.ENABLED", "OUTPUT_DIR")
+    resume_safe_keys = (
+        "DATALOADER.NUM_WORKERS",
+        "MODEL.DEVICE",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "TEST.EVAL_PERIOD",
+        "SOLVER.AMP.ENABLED",
+        "OUTPUT_DIR",
+    )
 
     def output_dir(self, cfg):
         return cfg.OUTPUT_DIR
@@ -103,10 +109,18 @@ class YacsKind(ConfigKind):
 
 
 class LazyKind(ConfigKind):
-    resume_safe_keys = ("train.device", "train.checkpointer.period", "train.checkpointer.max_to_keep",
-                        "train.eval_period", "train.log_period", "train.amp.enabled",
-                        "train.output_dir", "dataloader.train.num_workers",
-                        "dataloader.test.num_workers", "dataloader.evaluator.output_dir")
+    resume_safe_keys = (
+        "train.device",
+        "train.checkpointer.period",
+        "train.checkpointer.max_to_keep",
+        "train.eval_period",
+        "train.log_period",
+        "train.amp.enabled",
+        "train.output_dir",
+        "dataloader.train.num_workers",
+        "dataloader.test.num_workers",
+        "dataloader.evaluator.output_dir",
+    )
 
     def output_dir(self, cfg):
         return cfg.train.output_dir
@@ -120,8 +134,11 @@ class LazyKind(ConfigKind):
         return cfg
 
     def dataset_names(self, cfg):
-        return [n for loader in (cfg.dataloader.train, cfg.dataloader.test)
-                for n in _as_list(loader.dataset.names)]
+        return [
+            n
+            for loader in (cfg.dataloader.train, cfg.dataloader.test)
+            for n in _as_list(loader.dataset.names)
+        ]
 
     def check(self, cfg):
         pass  # Detectron2's common LazyConfig models need no C++ op; a custom one fails on use

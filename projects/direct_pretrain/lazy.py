@@ -44,8 +44,13 @@ from .trainer import (
 from .utils.env import has_cpp_ops
 from .utils.io import flatten_dict
 
-__all__ = ["LazyPhaseTrainer", "default_direct_pretrain", "lazy_evaluate", "lazy_phase_config",
-           "lazy_to_flat_dict"]
+__all__ = [
+    "LazyPhaseTrainer",
+    "default_direct_pretrain",
+    "lazy_evaluate",
+    "lazy_phase_config",
+    "lazy_to_flat_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +58,11 @@ logger = logging.getLogger(__name__)
 _NORM_PATHS = {
     "BACKBONE_NORM": ("model.backbone.bottom_up.stem.norm", "model.backbone.bottom_up.stages.norm"),
     "FPN_NORM": ("model.backbone.norm",),
-    "HEAD_NORM": ("model.roi_heads.box_head.conv_norm", "model.roi_heads.mask_head.conv_norm",
-                  "model.head.norm"),
+    "HEAD_NORM": (
+        "model.roi_heads.box_head.conv_norm",
+        "model.roi_heads.mask_head.conv_norm",
+        "model.head.norm",
+    ),
 }
 
 
@@ -134,8 +142,10 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     node = cfg.DIRECT_PRETRAIN[phase]
     validate_phase(phase, node)
     if phase == "BOX_DOMAIN":
-        raise PhaseConfigError("the BOX_DOMAIN (AlignDet) phase needs a yacs config; the "
-                               "LazyConfig path runs PRETRAIN and FINETUNE")
+        raise PhaseConfigError(
+            "the BOX_DOMAIN (AlignDet) phase needs a yacs config; the "
+            "LazyConfig path runs PRETRAIN and FINETUNE"
+        )
     out = copy.deepcopy(cfg)
     node = out.DIRECT_PRETRAIN[phase]
     out.DIRECT_PRETRAIN.PHASE = phase
@@ -154,7 +164,8 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     out.train.amp.enabled = bool(node.AMP) and out.train.device != "cpu"
     out.lr_multiplier = L(WarmupParamScheduler)(
         scheduler=L(MultiStepParamScheduler)(
-            values=[0.1**k for k in range(len(steps) + 1)], milestones=list(steps),
+            values=[0.1**k for k in range(len(steps) + 1)],
+            milestones=list(steps),
             num_updates=max_iter,
         ),
         warmup_length=min(1.0, node.WARMUP_ITERS / max_iter),
@@ -167,8 +178,9 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
 
 def lazy_evaluate(cfg: DictConfig, model: torch.nn.Module) -> dict:
     """COCO evaluation of ``model`` on ``dataloader.test`` (printed as Detectron2's table)."""
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test),
-                                   instantiate(cfg.dataloader.evaluator))
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -192,8 +204,9 @@ class LazyPhaseTrainer:
         model = create_ddp_model(model, **cfg.train.ddp)
         trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
         self.trainer = trainer_cls(model, loader, optimizer)
-        self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir,
-                                             trainer=weakref.proxy(self.trainer))
+        self.checkpointer = SafeCheckpointer(
+            model, cfg.train.output_dir, trainer=weakref.proxy(self.trainer)
+        )
         self.timer = PhaseTimer()
         self.eval_results: dict = {}
         self.eval_history: list[dict] = []
@@ -201,16 +214,27 @@ class LazyPhaseTrainer:
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         main = comm.is_main_process()
-        self.trainer.register_hooks([
-            self.timer,
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
-            if main else None,
-            hooks.EvalHook(cfg.train.eval_period, self._evaluate),
-            hooks.PeriodicWriter(phase_writers(cfg.train.output_dir, self.max_iter),
-                                 period=cfg.train.log_period) if main else None,
-        ])
+        self.trainer.register_hooks(
+            [
+                self.timer,
+                hooks.IterationTimer(),
+                hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+                (
+                    hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
+                    if main
+                    else None
+                ),
+                hooks.EvalHook(cfg.train.eval_period, self._evaluate),
+                (
+                    hooks.PeriodicWriter(
+                        phase_writers(cfg.train.output_dir, self.max_iter),
+                        period=cfg.train.log_period,
+                    )
+                    if main
+                    else None
+                ),
+            ]
+        )
 
     @staticmethod
     def _train_loader(cfg: DictConfig):

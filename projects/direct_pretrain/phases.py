@@ -11,8 +11,14 @@ from detectron2.config import CfgNode
 
 from .config import PHASE_NAMES
 
-__all__ = ["active_phases", "phase_config", "phase_node", "schedule", "validate_phase",
-           "PhaseConfigError"]
+__all__ = [
+    "active_phases",
+    "phase_config",
+    "phase_node",
+    "schedule",
+    "validate_phase",
+    "PhaseConfigError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +42,19 @@ _DIRECT_KEYS = {
     "FPN_NORM": "MODEL.FPN.NORM",
 }
 # Head norms: every head config key that takes a norm.
-_HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM",
-                   "MODEL.FCOS.NORM")
+_HEAD_NORM_KEYS = (
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.NORM",
+    "MODEL.RETINANET.NORM",
+    "MODEL.FCOS.NORM",
+)
 _INITS = ("scratch", "previous", "weights")
 # Detectors with a box-domain (AlignDet) version, and the meta-architecture that trains it.
-BOX_DOMAIN_ARCHS = {"GeneralizedRCNN": "AlignDetRCNN", "RetinaNet": "AlignDetRetinaNet",
-                    "FCOSDetector": "AlignDetFCOS"}
+BOX_DOMAIN_ARCHS = {
+    "GeneralizedRCNN": "AlignDetRCNN",
+    "RetinaNet": "AlignDetRetinaNet",
+    "FCOSDetector": "AlignDetFCOS",
+}
 _AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
 _OPTIMIZERS = ("SGD", "AdamW")
 
@@ -86,8 +99,11 @@ def _set(cfg: CfgNode, dotted: str, value) -> None:
 def validate_phase(phase: str, node) -> None:
     """Raise :class:`PhaseConfigError` naming the key of an invalid or unsafe phase setting."""
     key = f"DIRECT_PRETRAIN.{phase}"
-    for field, allowed in (("INIT", _INITS), ("AUGMENTATION", _AUGMENTATIONS),
-                           ("OPTIMIZER", _OPTIMIZERS)):
+    for field, allowed in (
+        ("INIT", _INITS),
+        ("AUGMENTATION", _AUGMENTATIONS),
+        ("OPTIMIZER", _OPTIMIZERS),
+    ):
         if node[field] not in allowed:
             raise PhaseConfigError(
                 f"{key}.{field} = '{node[field]}' is not one of {', '.join(allowed)}"
@@ -118,8 +134,11 @@ def schedule(node, num_images: int) -> tuple[int, tuple[int, ...]]:
     iters_per_epoch = node.DATASET_REPEAT * num_images / node.IMS_PER_BATCH
     epoch_iters = max(1, math.ceil(node.EPOCHS * iters_per_epoch))
     max_iter = node.MAX_ITER if node.MAX_ITER > 0 else epoch_iters
-    steps = {min(max_iter - 1, round(max_iter * s / node.EPOCHS))
-             for s in node.STEP_EPOCHS if s < node.EPOCHS}
+    steps = {
+        min(max_iter - 1, round(max_iter * s / node.EPOCHS))
+        for s in node.STEP_EPOCHS
+        if s < node.EPOCHS
+    }
     return max_iter, tuple(sorted(s for s in steps if s > 0))
 
 
@@ -169,8 +188,10 @@ def _box_domain_model(cfg: CfgNode) -> None:
         )
     if arch == "GeneralizedRCNN":
         if cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
-            raise PhaseConfigError(f"MODEL.ROI_HEADS.NAME = {cfg.MODEL.ROI_HEADS.NAME}: BOX_DOMAIN "
-                                   "pre-training supports StandardROIHeads (one box head)")
+            raise PhaseConfigError(
+                f"MODEL.ROI_HEADS.NAME = {cfg.MODEL.ROI_HEADS.NAME}: BOX_DOMAIN "
+                "pre-training supports StandardROIHeads (one box head)"
+            )
         cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = cfg.ALIGNDET.RPN_BATCH_SIZE_PER_IMAGE
         cfg.MODEL.RPN.POSITIVE_FRACTION = cfg.ALIGNDET.RPN_POSITIVE_FRACTION
         cfg.MODEL.MASK_ON = False

@@ -16,15 +16,13 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from detectron2.data import transforms as T
 from detectron2.utils import comm
 
 from .aligndet import transfer_drop
 from .bridge import bridge_checkpoint, load_model_state
-from .checkpoint import SafeCheckpointer
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
+from .evaluation import load_weights_strictly, predictor
 from .kinds import ConfigKind, kind_of
 from .phases import active_phases, phase_node
 from .report import write_report
@@ -63,8 +61,9 @@ def prepare_config(cfg):
     kind.check(cfg)
     node = cfg.DIRECT_PRETRAIN
     if node.PIXEL_STATS not in ("config", "dataset"):
-        raise ValueError(f"DIRECT_PRETRAIN.PIXEL_STATS = '{node.PIXEL_STATS}' is not "
-                         "'config' or 'dataset'")
+        raise ValueError(
+            f"DIRECT_PRETRAIN.PIXEL_STATS = '{node.PIXEL_STATS}' is not " "'config' or 'dataset'"
+        )
     names = kind.dataset_names(cfg)
     if comm.is_main_process():  # build cached datasets once before the other processes
         ensure_writable_dir(kind.output_dir(cfg))
@@ -74,8 +73,10 @@ def prepare_config(cfg):
     dicts = kind.train_dicts(cfg)
     if node.PIXEL_STATS == "dataset":
         mean, std = dataset_pixel_stats(
-            [d["file_name"] for d in dicts], kind.image_format(cfg),
-            node.PIXEL_STATS_MAX_IMAGES, cache_dir(node),
+            [d["file_name"] for d in dicts],
+            kind.image_format(cfg),
+            node.PIXEL_STATS_MAX_IMAGES,
+            cache_dir(node),
         )
         cfg = kind.with_pixel_stats(cfg, mean, std)
     return cfg, len(dicts)
@@ -85,7 +86,8 @@ def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
     """The config keys that determine a phase's result (other phases' nodes left out)."""
     safe = {*kind.resume_safe_keys, *(f"DIRECT_PRETRAIN.{phase}.{k}" for k in PHASE_SAFE_KEYS)}
     return {
-        k: v for k, v in flat.items()
+        k: v
+        for k, v in flat.items()
         if k not in safe
         and (not k.startswith("DIRECT_PRETRAIN.") or k.startswith(f"DIRECT_PRETRAIN.{phase}."))
         and (not k.startswith("ALIGNDET.") or phase == "BOX_DOMAIN")
@@ -126,8 +128,9 @@ def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
     previous = pipeline[index - 1]
     done = _read_done(os.path.join(kind.output_dir(cfg), previous.lower()))
     if done is None:
-        raise PhaseStateError(f"phase {phase} starts from phase {previous}, which has not "
-                              "finished: run it first")
+        raise PhaseStateError(
+            f"phase {phase} starts from phase {previous}, which has not " "finished: run it first"
+        )
     return previous, done["final_model"]
 
 
@@ -138,7 +141,9 @@ def _bridge_into(kind: ConfigKind, cfg, pcfg) -> None:
         phase = pcfg.DIRECT_PRETRAIN.PHASE
         previous, source = _previous_phase(kind, cfg, phase)
         bridge_checkpoint(
-            source, kind.build_model(pcfg, on_cpu=True), target_file,
+            source,
+            kind.build_model(pcfg, on_cpu=True),
+            target_file,
             reinit_on_class_change=pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE,
             drop=transfer_drop(pcfg) if previous == "BOX_DOMAIN" else (),
             select=phase_node(pcfg).INIT_KEYS,
@@ -160,8 +165,9 @@ def _run_phase(kind: ConfigKind, pcfg) -> dict:
     trainer = kind.trainer(pcfg)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
-        logger.info("Phase %s: resuming at iteration %d of %d", phase, trainer.start_iter,
-                    trainer.max_iter)
+        logger.info(
+            "Phase %s: resuming at iteration %d of %d", phase, trainer.start_iter, trainer.max_iter
+        )
     try:
         trainer.train()
     except FloatingPointError as e:
@@ -213,8 +219,9 @@ def run_pipeline(cfg) -> dict:
         _check_same_config(kind, pcfg)
         record = _read_done(kind.output_dir(pcfg))
         if record is not None:
-            logger.info("Phase %s already finished (%s); skipping it.", phase,
-                        kind.output_dir(pcfg))
+            logger.info(
+                "Phase %s already finished (%s); skipping it.", phase, kind.output_dir(pcfg)
+            )
         else:
             if from_previous:
                 _bridge_into(kind, cfg, pcfg)
@@ -222,10 +229,13 @@ def run_pipeline(cfg) -> dict:
             record = _run_phase(kind, pcfg)
         final_model = record["final_model"]
         records[phase] = record
-        summary["phases"][phase] = {**_bbox(record), "wall_seconds": record["wall_seconds"],
-                                    "eval_seconds": record["eval_seconds"],
-                                    "iterations": record["iterations"],
-                                    "ims_per_batch": record["ims_per_batch"]}
+        summary["phases"][phase] = {
+            **_bbox(record),
+            "wall_seconds": record["wall_seconds"],
+            "eval_seconds": record["eval_seconds"],
+            "iterations": record["iterations"],
+            "ims_per_batch": record["ims_per_batch"],
+        }
     summary["final_model"] = os.path.join(kind.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
@@ -241,29 +251,17 @@ def _report(kind: ConfigKind, output_dir: str, pcfg, summary: dict, records: dic
     try:
         predict = None
         if pcfg.DIRECT_PRETRAIN.PHASE != "BOX_DOMAIN":  # a detector, not a box-domain model
-            predict = _predictor(kind, pcfg, summary["final_model"])
-        write_report(output_dir, summary, records, predict, kind.dataset_names(pcfg)[-1],
-                     kind.image_format(pcfg))
+            predict = predictor(kind, pcfg, summary["final_model"])
+        write_report(
+            output_dir,
+            summary,
+            records,
+            predict,
+            kind.dataset_names(pcfg)[-1],
+            kind.image_format(pcfg),
+        )
     except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
         logger.exception("Could not write the report; the results above are saved.")
-
-
-def _predictor(kind: ConfigKind, pcfg, weights: str):
-    """image (HWC, the config's format) -> Instances of the final model, on CPU."""
-    model = kind.build_model(pcfg)
-    SafeCheckpointer(model).load(weights)
-    model.eval()
-    node = phase_node(pcfg)
-    resize = T.ResizeShortestEdge(node.MIN_SIZE_TEST, node.MAX_SIZE_TEST)
-
-    def predict(image):
-        tensor = resize.get_transform(image).apply_image(image)
-        inputs = {"image": torch.as_tensor(tensor.astype("float32").transpose(2, 0, 1)),
-                  "height": image.shape[0], "width": image.shape[1]}
-        with torch.no_grad():
-            return model([inputs])[0]["instances"].to("cpu")
-
-    return predict
 
 
 def evaluate_weights(cfg, weights: str) -> dict:
@@ -274,5 +272,5 @@ def evaluate_weights(cfg, weights: str) -> dict:
     cfg, num_images = prepare_config(cfg)
     pcfg = kind.phase_config(cfg, active_phases(cfg)[-1], num_images)
     model = kind.build_model(pcfg)
-    SafeCheckpointer(model).load(weights)
+    load_weights_strictly(model, weights)
     return kind.evaluate(pcfg, model)

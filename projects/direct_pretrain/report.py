@@ -26,17 +26,24 @@ __all__ = ["ap_table", "plot_ap_vs_time", "plot_losses", "draw_examples", "write
 logger = logging.getLogger(__name__)
 
 LOSS_PREFIX = "loss_"
+DRAW_SIZE = 768  # example images are drawn at least this large (longer side, pixels)
 
 
 def ap_table(summary: dict) -> str:
     """The summary's per-phase box AP as a Markdown table."""
-    lines = ["| phase | iterations x batch | box AP | AP50 | AP75 | wall s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| phase | iterations x batch | box AP | AP50 | AP75 | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     for phase, rec in summary["phases"].items():
-        ap = [f"{rec[k]:.1f}" if isinstance(rec.get(k), (int, float)) else "-"
-              for k in ("AP", "AP50", "AP75")]
-        lines.append(f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | "
-                     f"{' | '.join(ap)} | {rec['wall_seconds']:.0f} |")
+        ap = [
+            f"{rec[k]:.1f}" if isinstance(rec.get(k), (int, float)) else "-"
+            for k in ("AP", "AP50", "AP75")
+        ]
+        lines.append(
+            f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | "
+            f"{' | '.join(ap)} | {rec['wall_seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -70,16 +77,20 @@ def ap_vs_time(records: dict[str, dict]) -> dict[str, list[tuple[float, float]]]
     other, so a phase's times are offset by the phases before it."""
     curves, offset = {}, 0.0
     for phase, rec in records.items():
-        points = [(offset + e["train_seconds"], e["AP"]) for e in rec.get("eval_history", [])
-                  if isinstance(e.get("AP"), (int, float))]
+        points = [
+            (offset + e["train_seconds"], e["AP"])
+            for e in rec.get("eval_history", [])
+            if isinstance(e.get("AP"), (int, float))
+        ]
         if points:
             curves[phase] = points
         offset += rec["wall_seconds"] - rec["eval_seconds"]
     return curves
 
 
-def plot_ap_vs_time(curves: dict[str, list[tuple[float, float]]], path: Path,
-                    title: str = "") -> None:
+def plot_ap_vs_time(
+    curves: dict[str, list[tuple[float, float]]], path: Path, title: str = ""
+) -> None:
     """Box AP against cumulative training time, one line per phase."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for phase, points in curves.items():
@@ -94,33 +105,53 @@ def plot_ap_vs_time(curves: dict[str, list[tuple[float, float]]], path: Path,
     plt.close(fig)
 
 
-def draw_examples(predict, dataset_name: str, image_format: str, folder: Path,
-                  count: int = 4, score_thresh: float = 0.5) -> list[Path]:
+def draw_examples(
+    predict,
+    dataset_name: str,
+    image_format: str,
+    folder: Path,
+    count: int = 4,
+    score_thresh: float = 0.5,
+) -> list[Path]:
     """Draw ground truth (green) and predictions (red, with scores) on the first images."""
     folder.mkdir(parents=True, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
+    records = DatasetCatalog.get(dataset_name)
+    labelled = [r for r in records if r.get("annotations")]  # show objects if there are any
     paths = []
-    for record in DatasetCatalog.get(dataset_name)[:count]:
+    for record in (labelled or records)[:count]:
         image = read_image(record["file_name"], format="RGB")
         instances = predict(read_image(record["file_name"], format=image_format))
         keep = instances.scores >= score_thresh
-        vis = Visualizer(image, metadata=metadata)
-        gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-              for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        scale = max(1.0, DRAW_SIZE / max(image.shape[:2]))  # small tiles: draw larger
+        vis = Visualizer(image, metadata=metadata, scale=scale)
+        gt = [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in record.get("annotations", [])
+            if not a.get("iscrowd", 0)
+        ]
         if gt:
             vis.overlay_instances(boxes=np.asarray(gt), assigned_colors=[(0, 0.8, 0)] * len(gt))
         boxes = instances.pred_boxes.tensor[keep].numpy()
         out = vis.overlay_instances(
-            boxes=boxes, labels=[f"{s:.2f}" for s in instances.scores[keep].tolist()],
-            assigned_colors=[(0.9, 0, 0)] * len(boxes))
+            boxes=boxes,
+            labels=[f"{s:.2f}" for s in instances.scores[keep].tolist()],
+            assigned_colors=[(0.9, 0, 0)] * len(boxes),
+        )
         path = folder / f"{Path(record['file_name']).stem}.png"
         out.save(str(path))
         paths.append(path)
     return paths
 
 
-def write_report(output_dir: str, summary: dict, records: dict[str, dict], predict=None,
-                 dataset_name: str = "", image_format: str = "BGR") -> Path:
+def write_report(
+    output_dir: str,
+    summary: dict,
+    records: dict[str, dict],
+    predict=None,
+    dataset_name: str = "",
+    image_format: str = "BGR",
+) -> Path:
     """Write the report of a finished pipeline; return its folder.
 
     Args:

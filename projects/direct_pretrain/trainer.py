@@ -41,14 +41,20 @@ from .data.resized_cache import maybe_resized
 from .phases import phase_node
 from .utils.env import has_cpp_ops
 
-__all__ = ["DirectPretrainTrainer", "PhaseTimer", "augmentation_specs", "build_train_augmentations",
-           "phase_writers", "record_evaluation", "training_dicts"]
+__all__ = [
+    "DirectPretrainTrainer",
+    "PhaseTimer",
+    "augmentation_specs",
+    "build_train_augmentations",
+    "phase_writers",
+    "record_evaluation",
+    "training_dicts",
+]
 
 logger = logging.getLogger(__name__)
 
 # Parameters (by their name in their module) never decayed by AdamW: position tables.
-NO_DECAY_PARAMS = ("absolute_pos_embed", "relative_position_bias_table", "pos_embed",
-                   "cls_token")
+NO_DECAY_PARAMS = ("absolute_pos_embed", "relative_position_bias_table", "pos_embed", "cls_token")
 
 
 def augmentation_specs(node, pixel_mean) -> list[tuple[type, dict]]:
@@ -58,21 +64,43 @@ def augmentation_specs(node, pixel_mean) -> list[tuple[type, dict]]:
         low, high = node.RATIO_RANGE
         height, width = node.SCALE
         return [
-            (T.ResizeScale, {"min_scale": low, "max_scale": high, "target_height": height,
-                             "target_width": width}),
+            (
+                T.ResizeScale,
+                {
+                    "min_scale": low,
+                    "max_scale": high,
+                    "target_height": height,
+                    "target_width": width,
+                },
+            ),
             *flip,
-            (T.FixedSizeCrop, {"crop_size": tuple(node.CROP_SIZE), "pad": True,
-                               "pad_value": float(sum(pixel_mean) / len(pixel_mean))}),
+            (
+                T.FixedSizeCrop,
+                {
+                    "crop_size": tuple(node.CROP_SIZE),
+                    "pad": True,
+                    "pad_value": float(sum(pixel_mean) / len(pixel_mean)),
+                },
+            ),
         ]
-    return [(T.ResizeShortestEdge, {"short_edge_length": tuple(node.MIN_SIZE_TRAIN),
-                                    "max_size": node.MAX_SIZE_TRAIN, "sample_style": "choice"}),
-            *flip]
+    return [
+        (
+            T.ResizeShortestEdge,
+            {
+                "short_edge_length": tuple(node.MIN_SIZE_TRAIN),
+                "max_size": node.MAX_SIZE_TRAIN,
+                "sample_style": "choice",
+            },
+        ),
+        *flip,
+    ]
 
 
 def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
     """The training augmentations of the phase ``cfg`` belongs to."""
-    return [cls(**kwargs) for cls, kwargs in
-            augmentation_specs(phase_node(cfg), cfg.MODEL.PIXEL_MEAN)]
+    return [
+        cls(**kwargs) for cls, kwargs in augmentation_specs(phase_node(cfg), cfg.MODEL.PIXEL_MEAN)
+    ]
 
 
 def phase_writers(output_dir: str, max_iter: int) -> list:
@@ -119,8 +147,9 @@ def training_dicts(cfg: CfgNode) -> list[dict]:
     return get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-        if cfg.MODEL.KEYPOINT_ON else 0,
+        min_keypoints=(
+            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+        ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
 
@@ -188,10 +217,14 @@ class DirectPretrainTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (
-            ("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                             use_fast_impl=has_cpp_ops())
+        tasks = (
+            ("bbox",)
+            + (("segm",) if cfg.MODEL.MASK_ON else ())
+            + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+        )
+        return COCOEvaluator(
+            dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=has_cpp_ops()
+        )
 
     def build_hooks(self):
         """Default hooks with atomic checkpoints, a resumable timer and recorded evaluation."""
@@ -207,8 +240,11 @@ class DirectPretrainTrainer(DefaultTrainer):
             default = [h for h in default if not isinstance(h, hooks.EvalHook)]
             return [self.timer, EMAHook(self.cfg.ALIGNDET.MOMENTUM), *default]
         return [self.timer] + [
-            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
-            if isinstance(h, hooks.EvalHook) else h
+            (
+                hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
+                if isinstance(h, hooks.EvalHook)
+                else h
+            )
             for h in default
         ]
 
@@ -226,13 +262,22 @@ class DirectPretrainTrainer(DefaultTrainer):
 def record_evaluation(trainer) -> None:
     """Append the latest box AP, with the phase's training time so far, to ``eval_history``."""
     bbox = trainer.eval_results.get("bbox", {})
-    trainer.eval_history.append({
-        "iteration": min(trainer.iter + 1, trainer.max_iter),  # iterations done
-        "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
-        **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
-    })
+    trainer.eval_history.append(
+        {
+            "iteration": min(trainer.iter + 1, trainer.max_iter),  # iterations done
+            "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
+            **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
+        }
+    )
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
-    return isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm,
-                               torch.nn.LayerNorm, FrozenBatchNorm2d))
+    return isinstance(
+        module,
+        (
+            torch.nn.modules.batchnorm._NormBase,
+            torch.nn.GroupNorm,
+            torch.nn.LayerNorm,
+            FrozenBatchNorm2d,
+        ),
+    )

@@ -3,14 +3,24 @@
 from detectron2.config import CfgNode
 
 from .config import add_aligndet_config
+from .dense import AlignDetFCOS, AlignDetRetinaNet
 from .losses import EMAHook, ema_momentum, info_nce
 from .proposals import load_proposals
-from .dense import AlignDetFCOS, AlignDetRetinaNet
 from .rcnn import AlignDetRCNN
 from .views import TwoViewMapper
 
-__all__ = ["AlignDetFCOS", "AlignDetRCNN", "AlignDetRetinaNet", "EMAHook", "TwoViewMapper", "add_aligndet_config",
-           "ema_momentum", "info_nce", "load_proposals", "transfer_drop"]
+__all__ = [
+    "AlignDetFCOS",
+    "AlignDetRCNN",
+    "AlignDetRetinaNet",
+    "EMAHook",
+    "TwoViewMapper",
+    "add_aligndet_config",
+    "ema_momentum",
+    "info_nce",
+    "load_proposals",
+    "transfer_drop",
+]
 
 
 # Per detector: weights box-domain pre-training never trains (the mask head), and its final

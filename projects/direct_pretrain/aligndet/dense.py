@@ -33,8 +33,11 @@ __all__ = ["AlignDetFCOS", "AlignDetRetinaNet"]
 
 
 def _embedding_head(channels: int, anchors: int, embed_dim: int) -> nn.Sequential:
-    head = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
-                         nn.Conv2d(channels, anchors * embed_dim, 1))
+    head = nn.Sequential(
+        nn.Conv2d(channels, channels, 1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, anchors * embed_dim, 1),
+    )
     for layer in (head[0], head[2]):
         nn.init.normal_(layer.weight, std=0.01)
         nn.init.zeros_(layer.bias)
@@ -45,7 +48,8 @@ def _instance_means(embeddings: torch.Tensor, ids: torch.Tensor, count: int):
     """Mean L2-normalised embedding per instance id (rows of ids < 0 are skipped)."""
     keep = ids >= 0
     sums = embeddings.new_zeros(count, embeddings.shape[1]).index_add_(
-        0, ids[keep], F.normalize(embeddings[keep], dim=1))
+        0, ids[keep], F.normalize(embeddings[keep], dim=1)
+    )
     hits = torch.bincount(ids[keep], minlength=count)
     return F.normalize(sums, dim=1), hits > 0
 
@@ -53,8 +57,15 @@ def _instance_means(embeddings: torch.Tensor, ids: torch.Tensor, count: int):
 class DenseBoxDomainMixin(EMATargetMixin):
     """Box-domain training of a DenseDetector; subclasses define matching and box losses."""
 
-    def init_box_domain(self, *, embed_dim: int, temperature: float, contrast_weight: float,
-                        reg_weight: float, positives_per_image: int) -> None:
+    def init_box_domain(
+        self,
+        *,
+        embed_dim: int,
+        temperature: float,
+        contrast_weight: float,
+        reg_weight: float,
+        positives_per_image: int,
+    ) -> None:
         cls_score = self.head.cls_score
         anchors = cls_score.out_channels // self.num_classes
         self.head.cls_score = _embedding_head(cls_score.in_channels, anchors, embed_dim)
@@ -92,8 +103,9 @@ class DenseBoxDomainMixin(EMATargetMixin):
         anchors1 = self.anchor_generator(features1)
         matched1 = self.match(anchors1, gt1)
         with torch.no_grad():
-            features2, predictions2 = self._run(self.target["backbone"], self.target["head"],
-                                                images2)
+            features2, predictions2 = self._run(
+                self.target["backbone"], self.target["head"], images2
+            )
             matched2 = self.match(self.anchor_generator(features2), gt2)
 
         # Instance j of image i is id offsets[i] + j in both views.
@@ -111,8 +123,13 @@ class DenseBoxDomainMixin(EMATargetMixin):
         both = in_view1 & in_view2
         compact = torch.cumsum(both.long(), 0) - 1  # ids of instances present in both views
         queries = self._sample_queries(ids1, both, len(gt1))
-        loss_contrast = info_nce(F.normalize(embed1[queries], dim=1), compact[ids1[queries]],
-                                 target_keys[both], online_keys[both], self.temperature)
+        loss_contrast = info_nce(
+            F.normalize(embed1[queries], dim=1),
+            compact[ids1[queries]],
+            target_keys[both],
+            online_keys[both],
+            self.temperature,
+        )
         losses = {"loss_contrast": self.contrast_weight * loss_contrast}
         box = self.box_losses(anchors1, predictions1, matched1, gt1)
         losses.update({k: self.reg_weight * v for k, v in box.items()})
@@ -123,7 +140,7 @@ class DenseBoxDomainMixin(EMATargetMixin):
         per_image = len(ids) // num_images
         chosen = []
         for i in range(num_images):
-            part = ids[i * per_image:(i + 1) * per_image]
+            part = ids[i * per_image : (i + 1) * per_image]
             idx = torch.nonzero((part >= 0) & usable[part.clamp(min=0)]).flatten()
             idx = idx[torch.randperm(len(idx), device=idx.device)[: self.positives_per_image]]
             chosen.append(idx + i * per_image)
@@ -132,8 +149,10 @@ class DenseBoxDomainMixin(EMATargetMixin):
     def _positives(self, anchors, matched, gt_instances):
         """Foreground mask (N, R) and matched boxes per image (R, 4) for the box losses."""
         fg = torch.stack([m >= 0 for m in matched])
-        boxes = [g.gt_boxes.tensor[m.clamp(min=0)] if len(g) else
-                 torch.zeros(len(m), 4, device=m.device) for g, m in zip(gt_instances, matched)]
+        boxes = [
+            g.gt_boxes.tensor[m.clamp(min=0)] if len(g) else torch.zeros(len(m), 4, device=m.device)
+            for g, m in zip(gt_instances, matched)
+        ]
         return fg, boxes
 
 
@@ -148,9 +167,13 @@ class AlignDetRetinaNet(DenseBoxDomainMixin, RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        return {**super().from_config(cfg), "box_domain": {
-            **box_domain_args(cfg),
-            "positives_per_image": cfg.ALIGNDET.DENSE_POSITIVES_PER_IMAGE}}
+        return {
+            **super().from_config(cfg),
+            "box_domain": {
+                **box_domain_args(cfg),
+                "positives_per_image": cfg.ALIGNDET.DENSE_POSITIVES_PER_IMAGE,
+            },
+        }
 
     def match(self, anchors, gt_instances):
         anchors = Boxes.cat(anchors)
@@ -163,8 +186,14 @@ class AlignDetRetinaNet(DenseBoxDomainMixin, RetinaNet):
     def box_losses(self, anchors, predictions, matched, gt_instances):
         fg, boxes = self._positives(anchors, matched, gt_instances)
         loss = _dense_box_regression_loss(
-            anchors, self.box2box_transform, predictions[1], boxes, fg,
-            box_reg_loss_type=self.box_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta)
+            anchors,
+            self.box2box_transform,
+            predictions[1],
+            boxes,
+            fg,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
         return {"loss_box_reg": loss / max(int(fg.sum()), 1)}
 
 
@@ -174,8 +203,9 @@ class AlignDetFCOS(DenseBoxDomainMixin, FCOSDetector):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.init_box_domain(**box_domain_args(cfg),
-                             positives_per_image=cfg.ALIGNDET.DENSE_POSITIVES_PER_IMAGE)
+        self.init_box_domain(
+            **box_domain_args(cfg), positives_per_image=cfg.ALIGNDET.DENSE_POSITIVES_PER_IMAGE
+        )
 
     def match(self, anchors, gt_instances):
         return self.match_anchors(anchors, gt_instances)
@@ -194,5 +224,7 @@ class AlignDetFCOS(DenseBoxDomainMixin, FCOSDetector):
         return {
             "loss_box_reg": (iou * ctrness_targets).sum() / weight,
             "loss_centerness": F.binary_cross_entropy_with_logits(
-                ctrness, ctrness_targets, reduction="sum") / max(int(fg.sum()), 1),
+                ctrness, ctrness_targets, reduction="sum"
+            )
+            / max(int(fg.sum()), 1),
         }

@@ -11,8 +11,13 @@ from torch.nn import functional as F
 __all__ = ["EMAHook", "ema_momentum", "info_nce"]
 
 
-def info_nce(queries: torch.Tensor, instance_ids: torch.Tensor, target_keys: torch.Tensor,
-             online_keys: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor,
+    instance_ids: torch.Tensor,
+    target_keys: torch.Tensor,
+    online_keys: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """Box-level InfoNCE of AlignDet.
 
     Args:
@@ -33,7 +38,8 @@ def info_nce(queries: torch.Tensor, instance_ids: torch.Tensor, target_keys: tor
     rows = torch.arange(len(queries), device=queries.device)
     target_logits = queries @ target_keys.T / temperature
     online_logits = (queries @ online_keys.T / temperature).index_put(
-        (rows, instance_ids), torch.tensor(float("-inf"), device=queries.device))
+        (rows, instance_ids), torch.tensor(float("-inf"), device=queries.device)
+    )
     return F.cross_entropy(torch.cat([target_logits, online_logits], dim=1), instance_ids)
 
 

@@ -54,7 +54,8 @@ def filter_boxes(boxes: np.ndarray, width: int, height: int, node: CfgNode) -> n
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     short, long_ = np.minimum(w, h), np.maximum(w, h)
     keep = (short >= node.MIN_RELATIVE_SIZE * max(width, height)) & (
-        long_ <= node.MAX_ASPECT_RATIO * np.maximum(short, 1e-6))
+        long_ <= node.MAX_ASPECT_RATIO * np.maximum(short, 1e-6)
+    )
     boxes = boxes[keep]
     if len(boxes) == 0:
         return boxes
@@ -81,8 +82,10 @@ def _read_user_file(path: str, file_names: list[str]) -> dict[str, list]:
     by_base = {os.path.basename(k): v for k, v in data.items()}
     missing = [n for n in file_names if n not in data and os.path.basename(n) not in by_base]
     if missing:
-        raise KeyError(f"ALIGNDET.PROPOSALS.FILE '{path}' has no boxes for {len(missing)} "
-                       f"training image(s), e.g. {missing[:3]}")
+        raise KeyError(
+            f"ALIGNDET.PROPOSALS.FILE '{path}' has no boxes for {len(missing)} "
+            f"training image(s), e.g. {missing[:3]}"
+        )
     return {n: data.get(n, by_base.get(os.path.basename(n))) for n in file_names}
 
 
@@ -96,16 +99,22 @@ def load_proposals(dicts: list[dict], node: CfgNode, cache_dir: Path) -> dict[st
     sizes = {d["file_name"]: (d["width"], d["height"]) for d in dicts}
     if node.FILE:
         raw = _read_user_file(node.FILE, names)
-        return {n: filter_boxes(np.asarray(b, dtype=np.float64), *sizes[n], node)
-                for n, b in raw.items()}
+        return {
+            n: filter_boxes(np.asarray(b, dtype=np.float64), *sizes[n], node)
+            for n, b in raw.items()
+        }
     key = hashlib.sha256(json.dumps([sorted(names), node.dump()]).encode()).hexdigest()[:16]
     cache = cache_dir / "proposals" / f"selective_search-{key}.json"
     if cache.is_file():
         boxes = json.loads(cache.read_text())
     else:
         workers = node.NUM_WORKERS or os.cpu_count() or 1
-        logger.info("Selective search on %d images with %d processes (once; cached in %s)",
-                    len(names), workers, cache)
+        logger.info(
+            "Selective search on %d images with %d processes (once; cached in %s)",
+            len(names),
+            workers,
+            cache,
+        )
         jobs = [(n, node.SEARCH_MAX_SIDE, node) for n in names]
         if workers == 1:
             found = [_search_one(job) for job in jobs]
@@ -115,6 +124,9 @@ def load_proposals(dicts: list[dict], node: CfgNode, cache_dir: Path) -> dict[st
         boxes = dict(zip(names, found))
         atomic_write_json(cache, boxes)
     counts = [len(b) for b in boxes.values()]
-    logger.info("Pseudo-boxes: %d images, %.1f boxes per image on average", len(counts),
-                float(np.mean(counts)) if counts else 0.0)
+    logger.info(
+        "Pseudo-boxes: %d images, %.1f boxes per image on average",
+        len(counts),
+        float(np.mean(counts)) if counts else 0.0,
+    )
     return {n: np.asarray(b, dtype=np.float64).reshape(-1, 4) for n, b in boxes.items()}

@@ -39,8 +39,12 @@ __all__ = ["AlignDetRCNN", "BoxDomainPredictor"]
 def box_domain_args(cfg) -> dict:
     """The ``ALIGNDET`` settings every box-domain model takes."""
     node = cfg.ALIGNDET
-    return {"embed_dim": node.EMBED_DIM, "temperature": node.TEMPERATURE,
-            "contrast_weight": node.CONTRAST_WEIGHT, "reg_weight": node.REG_WEIGHT}
+    return {
+        "embed_dim": node.EMBED_DIM,
+        "temperature": node.TEMPERATURE,
+        "contrast_weight": node.CONTRAST_WEIGHT,
+        "reg_weight": node.REG_WEIGHT,
+    }
 
 
 class BoxDomainPredictor(nn.Module):
@@ -48,8 +52,11 @@ class BoxDomainPredictor(nn.Module):
 
     def __init__(self, in_features: int, embed_dim: int) -> None:
         super().__init__()
-        self.projector = nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
-                                       nn.Linear(in_features, embed_dim))
+        self.projector = nn.Sequential(
+            nn.Linear(in_features, in_features),
+            nn.ReLU(inplace=True),
+            nn.Linear(in_features, embed_dim),
+        )
         self.bbox_pred = nn.Linear(in_features, 4)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.bbox_pred.bias)
@@ -64,8 +71,16 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
     """Online GeneralizedRCNN + EMA target for box-domain pre-training (training only)."""
 
     @configurable
-    def __init__(self, *, embed_dim: int, temperature: float, positives_per_image: int,
-                 contrast_weight: float, reg_weight: float, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        temperature: float,
+        positives_per_image: int,
+        contrast_weight: float,
+        reg_weight: float,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         heads = self.roi_heads
         self.box2box_transform = heads.box_predictor.box2box_transform
@@ -75,21 +90,30 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         self.contrast_weight = contrast_weight
         self.reg_weight = reg_weight
         self.matcher = Matcher([0.5], [0, 1], allow_low_quality_matches=False)
-        self.init_target({"backbone": self.backbone, "box_head": heads.box_head,
-                          "box_predictor": heads.box_predictor})
+        self.init_target(
+            {
+                "backbone": self.backbone,
+                "box_head": heads.box_head,
+                "box_predictor": heads.box_predictor,
+            }
+        )
 
     @classmethod
     def from_config(cls, cfg):
-        return {**super().from_config(cfg), **box_domain_args(cfg),
-                "positives_per_image": cfg.ALIGNDET.POSITIVES_PER_IMAGE}
+        return {
+            **super().from_config(cfg),
+            **box_domain_args(cfg),
+            "positives_per_image": cfg.ALIGNDET.POSITIVES_PER_IMAGE,
+        }
 
     def _online_module(self, name: str) -> nn.Module:
         return self.backbone if name == "backbone" else getattr(self.roi_heads, name)
 
     # --- training ---------------------------------------------------------------------------
     def _embed(self, features: dict, boxes: list[Boxes], box_head, box_predictor):
-        pooled = self.roi_heads.box_pooler([features[f] for f in self.roi_heads.box_in_features],
-                                           boxes)
+        pooled = self.roi_heads.box_pooler(
+            [features[f] for f in self.roi_heads.box_in_features], boxes
+        )
         return box_predictor(box_head(pooled))
 
     def _positive_rois(self, proposals, gt_instances):
@@ -99,8 +123,9 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
             props = add_ground_truth_to_proposals([gt], [props])[0]
             idx, labels = self.matcher(pairwise_iou(gt.gt_boxes, props.proposal_boxes))
             positive = torch.nonzero(labels == 1).flatten()
-            positive = positive[torch.randperm(len(positive), device=positive.device)
-                                [: self.positives_per_image]]
+            positive = positive[
+                torch.randperm(len(positive), device=positive.device)[: self.positives_per_image]
+            ]
             rois.append(props.proposal_boxes[positive])
             matched.append(idx[positive])
         return rois, matched
@@ -123,13 +148,19 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         targets = self.box2box_transform.get_deltas(cat([r.tensor for r in rois]), matched_boxes)
         loss_reg = F.l1_loss(deltas, targets, reduction="sum") / max(len(targets), 1)
         with torch.no_grad():
-            online_keys = self._embed(features1, [g.gt_boxes for g in gt1], heads.box_head,
-                                      heads.box_predictor)[0]
+            online_keys = self._embed(
+                features1, [g.gt_boxes for g in gt1], heads.box_head, heads.box_predictor
+            )[0]
             features2 = self.target["backbone"](images2.tensor)
-            target_keys = self._embed(features2, [g.gt_boxes for g in gt2],
-                                      self.target["box_head"], self.target["box_predictor"])[0]
-        loss_contrast = info_nce(queries, instance_ids, target_keys, online_keys,
-                                 self.temperature)
-        losses.update(loss_contrast=self.contrast_weight * loss_contrast,
-                      loss_box_reg=self.reg_weight * loss_reg)
+            target_keys = self._embed(
+                features2,
+                [g.gt_boxes for g in gt2],
+                self.target["box_head"],
+                self.target["box_predictor"],
+            )[0]
+        loss_contrast = info_nce(queries, instance_ids, target_keys, online_keys, self.temperature)
+        losses.update(
+            loss_contrast=self.contrast_weight * loss_contrast,
+            loss_box_reg=self.reg_weight * loss_reg,
+        )
         return losses

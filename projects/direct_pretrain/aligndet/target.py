@@ -60,5 +60,7 @@ class EMATargetMixin:
 
     def _require_training(self) -> None:
         if not self.training:
-            raise RuntimeError("an AlignDet box-domain model has no classifier; fine-tune it "
-                               "(the next phase) to detect")
+            raise RuntimeError(
+                "an AlignDet box-domain model has no classifier; fine-tune it "
+                "(the next phase) to detect"
+            )

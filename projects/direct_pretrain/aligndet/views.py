@@ -65,8 +65,13 @@ class TwoViewMapper:
     smaller than ``min_box_size`` in either view are dropped from both.
     """
 
-    def __init__(self, proposals: dict[str, np.ndarray], augmentations: Sequence[T.Augmentation],
-                 image_format: str, min_box_size: float) -> None:
+    def __init__(
+        self,
+        proposals: dict[str, np.ndarray],
+        augmentations: Sequence[T.Augmentation],
+        image_format: str,
+        min_box_size: float,
+    ) -> None:
         self.proposals = proposals
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -75,8 +80,10 @@ class TwoViewMapper:
     @classmethod
     def from_config(cls, cfg: CfgNode, proposals: dict[str, np.ndarray]) -> "TwoViewMapper":
         view = cfg.ALIGNDET.VIEW
-        augs = [T.ResizeShortestEdge(tuple(view.MIN_SIZE_TRAIN), view.MAX_SIZE_TRAIN, "choice"),
-                T.RandomFlip(horizontal=True, vertical=False)]
+        augs = [
+            T.ResizeShortestEdge(tuple(view.MIN_SIZE_TRAIN), view.MAX_SIZE_TRAIN, "choice"),
+            T.RandomFlip(horizontal=True, vertical=False),
+        ]
         if view.PHOTOMETRIC:
             augs.append(RandomPhotometric())
         return cls(proposals, augs, cfg.INPUT.FORMAT, view.MIN_BOX_SIZE)
@@ -99,12 +106,19 @@ class TwoViewMapper:
         for b in (boxes1, boxes2):
             keep &= np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= self.min_box_size
         # width/height: read by Detectron2's aspect-ratio grouping of the loader.
-        out = {"file_name": dataset_dict["file_name"], "height": img1.shape[1],
-               "width": img1.shape[2]}
+        out = {
+            "file_name": dataset_dict["file_name"],
+            "height": img1.shape[1],
+            "width": img1.shape[2],
+        }
         for name, img, b in (("view1", img1, boxes1), ("view2", img2, boxes2)):
             instances = Instances(tuple(img.shape[1:]))
             instances.gt_boxes = Boxes(torch.as_tensor(b[keep], dtype=torch.float32))
             instances.gt_classes = torch.zeros(int(keep.sum()), dtype=torch.int64)
-            out[name] = {"image": img, "instances": instances, "height": img.shape[1],
-                         "width": img.shape[2]}
+            out[name] = {
+                "image": img,
+                "instances": instances,
+                "height": img.shape[1],
+                "width": img.shape[2],
+            }
         return out

@@ -31,8 +31,15 @@ class CheckedDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, skip_bad_images: bool = False,
-                 fallback: Sequence[dict] | None = None, seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        skip_bad_images: bool = False,
+        fallback: Sequence[dict] | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(is_train, **kwargs)
         self.skip_bad_images = skip_bad_images
         self.fallback = fallback
@@ -41,8 +48,11 @@ class CheckedDatasetMapper(DatasetMapper):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
-        return {**super().from_config(cfg, is_train),
-                "skip_bad_images": cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip", "seed": cfg.SEED}
+        return {
+            **super().from_config(cfg, is_train),
+            "skip_bad_images": cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip",
+            "seed": cfg.SEED,
+        }
 
     def __call__(self, dataset_dict: dict) -> dict:
         for _ in range(MAX_CONSECUTIVE_SKIPS):
@@ -56,8 +66,15 @@ class CheckedDatasetMapper(DatasetMapper):
                         "DIRECT_PRETRAIN.BAD_IMAGES skip to skip unreadable training images."
                     ) from e
                 self.skipped += 1
-                logger.warning("Skipping unreadable image %s (%s); %d skipped so far in this "
-                               "loader worker.", name, e, self.skipped)
+                logger.warning(
+                    "Skipping unreadable image %s (%s); %d skipped so far in this "
+                    "loader worker.",
+                    name,
+                    e,
+                    self.skipped,
+                )
                 dataset_dict = self.fallback[self._rng.randrange(len(self.fallback))]
-        raise BadImageError(f"{MAX_CONSECUTIVE_SKIPS} unreadable images in a row (last: "
-                            f"'{name}'); is the image folder right?")
+        raise BadImageError(
+            f"{MAX_CONSECUTIVE_SKIPS} unreadable images in a row (last: "
+            f"'{name}'); is the image folder right?"
+        )

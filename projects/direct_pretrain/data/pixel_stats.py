@@ -46,9 +46,17 @@ def dataset_pixel_stats(
         count += image.shape[0]
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-6))
-    stats = {"mean": mean.round(3).tolist(), "std": std.round(3).tolist(),
-             "images": len(sample), "format": image_format}
+    stats = {
+        "mean": mean.round(3).tolist(),
+        "std": std.round(3).tolist(),
+        "images": len(sample),
+        "format": image_format,
+    }
     atomic_write_json(cache, stats)
-    logger.info("Pixel statistics of %d training images: mean %s std %s",
-                len(sample), stats["mean"], stats["std"])
+    logger.info(
+        "Pixel statistics of %d training images: mean %s std %s",
+        len(sample),
+        stats["mean"],
+        stats["std"],
+    )
     return stats["mean"], stats["std"]

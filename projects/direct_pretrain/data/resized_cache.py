@@ -42,8 +42,7 @@ def _scale_annotation(ann: dict, scale: float) -> dict:
     elif segmentation is not None:  # RLE masks cannot be rescaled here
         ann.pop("segmentation")
     if "keypoints" in ann:
-        ann["keypoints"] = [v * scale if i % 3 != 2 else v
-                            for i, v in enumerate(ann["keypoints"])]
+        ann["keypoints"] = [v * scale if i % 3 != 2 else v for i, v in enumerate(ann["keypoints"])]
     return ann
 
 
@@ -62,8 +61,9 @@ def _key(dicts: list[dict], max_height: float, max_width: float) -> str:
     return digest.hexdigest()[:16]
 
 
-def resized_dicts(dicts: list[dict], max_height: float, max_width: float, cache_dir: Path,
-                  workers: int = 0) -> list[dict]:
+def resized_dicts(
+    dicts: list[dict], max_height: float, max_width: float, cache_dir: Path, workers: int = 0
+) -> list[dict]:
     """``dicts`` with images stored downscaled to fit ``max_height`` x ``max_width``.
 
     Images already small enough are used as they are. The copy is built once (in parallel),
@@ -80,9 +80,17 @@ def resized_dicts(dicts: list[dict], max_height: float, max_width: float, cache_
         height, width = round(d["height"] * scale), round(d["width"] * scale)
         name = f"{index:07d}_{Path(d['file_name']).stem}.png"
         jobs.append((d["file_name"], name, height, width))
-        out.append({**d, "file_name": str(folder / name), "height": height, "width": width,
-                    "annotations": [_scale_annotation(a, width / d["width"])
-                                    for a in d.get("annotations", [])]})
+        out.append(
+            {
+                **d,
+                "file_name": str(folder / name),
+                "height": height,
+                "width": width,
+                "annotations": [
+                    _scale_annotation(a, width / d["width"]) for a in d.get("annotations", [])
+                ],
+            }
+        )
     if jobs and not (folder / "COMPLETE.json").is_file():
         _build(folder, jobs, workers)
     return out
@@ -109,8 +117,9 @@ def _build(folder: Path, jobs: list[tuple], workers: int) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Low-resolution cache: %.1f MB", sum(
-        f.stat().st_size for f in folder.iterdir()) / 2**20)
+    logger.info(
+        "Low-resolution cache: %.1f MB", sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    )
 
 
 def maybe_resized(dicts: list[dict], node, cache_dir: Path, workers: int = 0) -> list[dict]:

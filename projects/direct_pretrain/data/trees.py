@@ -114,9 +114,9 @@ def make_tiles(sizes: dict[str, tuple[int, int]], tile: int) -> list[TreeTile]:
 def split_tiles(tiles: list[TreeTile], val_every: int) -> tuple[list[TreeTile], list[TreeTile]]:
     """(train, val): val is every ``val_every``-th tile among those overlapping no other tile."""
     isolated = [
-        t for t in tiles
-        if not any(o is not t and o.source == t.source and _overlaps(t.rect, o.rect)
-                   for o in tiles)
+        t
+        for t in tiles
+        if not any(o is not t and o.source == t.source and _overlaps(t.rect, o.rect) for o in tiles)
     ]
     val = set(isolated[val_every // 2 :: val_every])
     return [t for t in tiles if t not in val], [t for t in tiles if t in val]
@@ -125,10 +125,15 @@ def split_tiles(tiles: list[TreeTile], val_every: int) -> tuple[list[TreeTile], 
 def tile_annotations(boxes: np.ndarray, tile: TreeTile) -> list[dict]:
     """COCO annotations (without ids) of the crowns visible in ``tile``."""
     x0, y0, x1, y1 = tile.rect
-    clipped = np.stack([
-        np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
-        np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1),
-    ], axis=1)
+    clipped = np.stack(
+        [
+            np.clip(boxes[:, 0], x0, x1),
+            np.clip(boxes[:, 1], y0, y1),
+            np.clip(boxes[:, 2], x0, x1),
+            np.clip(boxes[:, 3], y0, y1),
+        ],
+        axis=1,
+    )
     full = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     anns = []
@@ -137,13 +142,19 @@ def tile_annotations(boxes: np.ndarray, tile: TreeTile) -> list[dict]:
             continue
         bx, by = box[0] - x0, box[1] - y0
         w, h = box[2] - box[0], box[3] - box[1]
-        anns.append({
-            "bbox": [round(float(bx), 2), round(float(by), 2), round(float(w), 2),
-                     round(float(h), 2)],
-            "area": round(float(vis), 2),
-            "iscrowd": int(vis / area < MIN_VISIBLE),
-            "category_id": CATEGORY["id"],
-        })
+        anns.append(
+            {
+                "bbox": [
+                    round(float(bx), 2),
+                    round(float(by), 2),
+                    round(float(w), 2),
+                    round(float(h), 2),
+                ],
+                "area": round(float(vis), 2),
+                "iscrowd": int(vis / area < MIN_VISIBLE),
+                "category_id": CATEGORY["id"],
+            }
+        )
     return anns
 
 
@@ -162,15 +173,16 @@ def _source_digest(data_dir: Path, tile: int, val_every: int) -> str:
 def _coco(tiles: list[TreeTile], boxes: dict[str, np.ndarray]) -> dict:
     images, annotations = [], []
     for image_id, t in enumerate(tiles, start=1):
-        images.append({"id": image_id, "file_name": t.file_name, "width": t.size,
-                       "height": t.size})
+        images.append({"id": image_id, "file_name": t.file_name, "width": t.size, "height": t.size})
         for ann in tile_annotations(boxes[t.source], t):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
     return {"images": images, "annotations": annotations, "categories": [CATEGORY]}
 
 
 def build_neon_trees(
-    cache_dir: str | os.PathLike, tile: int = 256, val_every: int = 4,
+    cache_dir: str | os.PathLike,
+    tile: int = 256,
+    val_every: int = 4,
     data_dir: Path | None = None,
 ) -> dict[str, tuple[str, str]]:
     """Build (once) and return ``{"train"|"val": (json_file, image_root)}``.
@@ -190,8 +202,7 @@ def build_neon_trees(
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
         (tmp / "images").mkdir()
-        arrays = {s: np.asarray(Image.open(data_dir / f"{s}.png").convert("RGB"))
-                  for s in SOURCES}
+        arrays = {s: np.asarray(Image.open(data_dir / f"{s}.png").convert("RGB")) for s in SOURCES}
         boxes = {s: read_voc_boxes(data_dir / f"{s}.xml") for s in SOURCES}
         sizes = {s: (a.shape[1], a.shape[0]) for s, a in arrays.items()}
         tiles = make_tiles(sizes, tile)

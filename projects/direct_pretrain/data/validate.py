@@ -37,8 +37,11 @@ def _ids(items) -> str:
 
 
 def _is_box(bbox) -> bool:
-    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox))
+    return (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+    )
 
 
 def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
@@ -53,22 +56,32 @@ def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
     if not images:
         raise DatasetError(f"{source}: no images")
     if not annotations:
-        raise DatasetError(f"{source}: no annotations (an empty annotation list has nothing "
-                           "to train or evaluate on)")
+        raise DatasetError(
+            f"{source}: no annotations (an empty annotation list has nothing "
+            "to train or evaluate on)"
+        )
     no_size = [i for i, img in images.items() if not (img.get("width") and img.get("height"))]
     if no_size:
         raise DatasetError(f"{source}: images without width/height: ids {_ids(no_size)}")
     problems = {
         "unknown image_id": [a["id"] for a in annotations if a.get("image_id") not in images],
-        "category_id not in categories":
-            [a["id"] for a in annotations if a.get("category_id") not in categories],
-        "bbox is not 4 finite numbers": [a["id"] for a in annotations if not _is_box(a.get("bbox"))],
+        "category_id not in categories": [
+            a["id"] for a in annotations if a.get("category_id") not in categories
+        ],
+        "bbox is not 4 finite numbers": [
+            a["id"] for a in annotations if not _is_box(a.get("bbox"))
+        ],
     }
     for what, bad in problems.items():
         if bad:
-            raise DatasetError(f"{source}: annotations with {what}: ids {_ids(bad)}"
-                               + (f" (declared categories: {_ids(categories)})"
-                                  if what.startswith("category") else ""))
+            raise DatasetError(
+                f"{source}: annotations with {what}: ids {_ids(bad)}"
+                + (
+                    f" (declared categories: {_ids(categories)})"
+                    if what.startswith("category")
+                    else ""
+                )
+            )
 
     counts = {"clipped": 0, "dropped": 0}
     kept = []
@@ -95,8 +108,9 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
     The outcome is cached by the file's path, size and modification time.
     """
     stat = os.stat(json_file)
-    key = hashlib.sha256(f"{os.path.abspath(json_file)}|{stat.st_size}|{stat.st_mtime_ns}"
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{os.path.abspath(json_file)}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     folder = cache_dir / "checked_coco"
     verdict_file = folder / f"{key}.verdict.json"
     if verdict_file.is_file():
@@ -111,8 +125,14 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
     if counts["clipped"] or counts["dropped"]:
         use = str(folder / f"{key}.repaired.json")
         atomic_write_json(use, repaired)
-        logger.warning("Dataset '%s' (%s): %d boxes clipped to their image, %d boxes with "
-                       "non-positive size dropped; using the repaired copy %s", name,
-                       json_file, counts["clipped"], counts["dropped"], use)
+        logger.warning(
+            "Dataset '%s' (%s): %d boxes clipped to their image, %d boxes with "
+            "non-positive size dropped; using the repaired copy %s",
+            name,
+            json_file,
+            counts["clipped"],
+            counts["dropped"],
+            use,
+        )
     atomic_write_json(verdict_file, {"source": json_file, "use": use, **counts})
     return use

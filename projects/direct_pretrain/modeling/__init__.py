@@ -3,5 +3,11 @@
 from .fcos import FCOSDetector, add_fcos_config, build_fcos_resnet_fpn_backbone
 from .swin import TimmSwin, add_swin_config, build_swin_fpn_backbone
 
-__all__ = ["FCOSDetector", "TimmSwin", "add_fcos_config", "add_swin_config",
-           "build_fcos_resnet_fpn_backbone", "build_swin_fpn_backbone"]
+__all__ = [
+    "FCOSDetector",
+    "TimmSwin",
+    "add_fcos_config",
+    "add_swin_config",
+    "build_fcos_resnet_fpn_backbone",
+    "build_swin_fpn_backbone",
+]

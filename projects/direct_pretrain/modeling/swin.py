@@ -31,20 +31,27 @@ def add_swin_config(cfg: CfgNode) -> None:
 class TimmSwin(Backbone):
     """timm Swin Transformer returning NCHW stage features for any input divisible by 32."""
 
-    def __init__(self, name: str, window_size: int, drop_path_rate: float,
-                 out_features: list[str]) -> None:
+    def __init__(
+        self, name: str, window_size: int, drop_path_rate: float, out_features: list[str]
+    ) -> None:
         super().__init__()
         import timm
 
         self.body = timm.create_model(
-            name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3),
-            window_size=window_size, drop_path_rate=drop_path_rate,
-            strict_img_size=False, dynamic_img_size=True,
+            name,
+            pretrained=False,
+            features_only=True,
+            out_indices=(0, 1, 2, 3),
+            window_size=window_size,
+            drop_path_rate=drop_path_rate,
+            strict_img_size=False,
+            dynamic_img_size=True,
         )
         unknown = set(out_features) - set(STAGE_NAMES)
         if unknown:
-            raise ValueError(f"MODEL.SWIN.OUT_FEATURES: unknown {sorted(unknown)}; "
-                             f"use {list(STAGE_NAMES)}")
+            raise ValueError(
+                f"MODEL.SWIN.OUT_FEATURES: unknown {sorted(unknown)}; " f"use {list(STAGE_NAMES)}"
+            )
         info = self.body.feature_info
         self._out_features = list(out_features)
         self._out_feature_channels = dict(zip(STAGE_NAMES, info.channels()))
@@ -58,13 +65,15 @@ class TimmSwin(Backbone):
         features = self.body(x)  # NHWC
         return {
             name: f.permute(0, 3, 1, 2).contiguous()
-            for name, f in zip(STAGE_NAMES, features) if name in self._out_features
+            for name, f in zip(STAGE_NAMES, features)
+            if name in self._out_features
         }
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {
-            name: ShapeSpec(channels=self._out_feature_channels[name],
-                            stride=self._out_feature_strides[name])
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
             for name in self._out_features
         }
 

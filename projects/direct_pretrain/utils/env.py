@@ -31,15 +31,27 @@ def check_cpp_requirements(cfg) -> None:
     """Refuse, with the config key, a model that needs the C++ ops when they are not built."""
     model = cfg.MODEL
     needs = [
-        ("deformable convolution", "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
-         any(model.RESNETS.DEFORM_ON_PER_STAGE)),
-        ("rotated proposals (RRPN)", "MODEL.PROPOSAL_GENERATOR.NAME",
-         model.PROPOSAL_GENERATOR.NAME == "RRPN"),
+        (
+            "deformable convolution",
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+            any(model.RESNETS.DEFORM_ON_PER_STAGE),
+        ),
+        (
+            "rotated proposals (RRPN)",
+            "MODEL.PROPOSAL_GENERATOR.NAME",
+            model.PROPOSAL_GENERATOR.NAME == "RRPN",
+        ),
         ("rotated RoI heads", "MODEL.ROI_HEADS.NAME", model.ROI_HEADS.NAME == "RROIHeads"),
-        ("rotated RoIAlign", "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
-         model.ROI_BOX_HEAD.POOLER_TYPE == "ROIAlignRotated"),
-        ("rotated anchors", "MODEL.ANCHOR_GENERATOR.NAME",
-         model.ANCHOR_GENERATOR.NAME == "RotatedAnchorGenerator"),
+        (
+            "rotated RoIAlign",
+            "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
+            model.ROI_BOX_HEAD.POOLER_TYPE == "ROIAlignRotated",
+        ),
+        (
+            "rotated anchors",
+            "MODEL.ANCHOR_GENERATOR.NAME",
+            model.ANCHOR_GENERATOR.NAME == "RotatedAnchorGenerator",
+        ),
     ]
     for feature, key, asked in needs:
         if asked:

@@ -13,8 +13,13 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "atomic_torch_save", "atomic_write", "atomic_write_json", "atomic_write_text",
-    "ensure_writable_dir", "flatten_dict", "remove_partial_files",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "ensure_writable_dir",
+    "flatten_dict",
+    "remove_partial_files",
 ]
 
 
