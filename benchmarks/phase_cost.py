@@ -67,6 +67,8 @@ def measure(
     cfg = phase_cfg(config_file, [*opts, "DATALOADER.NUM_WORKERS", "0"], phase, changes)
     model = DirectPretrainTrainer.build_model(cfg)
     optimizer = DirectPretrainTrainer.build_optimizer(cfg, model)
+    for group in optimizer.param_groups:  # the LR of a run's first (warmup) iterations
+        group["lr"] *= cfg.SOLVER.WARMUP_FACTOR
     loader = iter(DirectPretrainTrainer.build_train_loader(cfg))
     batches = [next(loader) for _ in range(warmup + iters)]
     pixels = sum(

@@ -31,6 +31,15 @@ def test_tile_origins_cover_without_padding():
         tile_origins(100, 256)
 
 
+def test_sources_smaller_than_the_tile_get_tiles_of_their_shorter_side():
+    sizes = dict(zip(SOURCES, [(400, 400), (400, 300), (1249, 1035), (2299, 2472)]))
+    tiles = make_tiles(sizes, 1024)
+    by_source = {s: [t for t in tiles if t.source == s] for s in SOURCES}
+    assert [t.rect for t in by_source[SOURCES[0]]] == [(0, 0, 400, 400)]
+    assert [t.rect for t in by_source[SOURCES[1]]] == [(0, 0, 300, 300), (100, 0, 400, 300)]
+    assert {t.size for t in by_source[SOURCES[2]] + by_source[SOURCES[3]]} == {1024}
+
+
 def test_cut_crowns_are_clipped_or_ignored():
     tile = TreeTile("s", 100, 100, 100)
     boxes = np.array(

@@ -102,13 +102,20 @@ def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 
 
 def make_tiles(sizes: dict[str, tuple[int, int]], tile: int) -> list[TreeTile]:
-    """All tiles of all sources, in a fixed order. ``sizes`` maps stem -> (width, height)."""
-    return [
-        TreeTile(stem, x, y, tile)
-        for stem in SOURCES
-        for y in tile_origins(sizes[stem][1], tile)
-        for x in tile_origins(sizes[stem][0], tile)
-    ]
+    """All tiles of all sources, in a fixed order. ``sizes`` maps stem -> (width, height).
+
+    A source with a side shorter than ``tile`` is cut in square tiles of that shorter side.
+    """
+    tiles = []
+    for stem in SOURCES:
+        width, height = sizes[stem]
+        side = min(tile, width, height)
+        tiles += [
+            TreeTile(stem, x, y, side)
+            for y in tile_origins(height, side)
+            for x in tile_origins(width, side)
+        ]
+    return tiles
 
 
 def split_tiles(tiles: list[TreeTile], val_every: int) -> tuple[list[TreeTile], list[TreeTile]]:
