@@ -24,6 +24,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -32,14 +33,24 @@ from direct_pretrain.config import load_config  # noqa: E402
 from direct_pretrain.kinds import kind_of  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
+from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
 
 
 def setup(args):
-    """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); logging."""
+    """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); logging of
+    Detectron2 and of this project to the console and OUTPUT_DIR/log.txt."""
     cfg = load_config(args.config_file, args.opts)
+    output_dir = kind_of(cfg).output_dir(cfg)
     if comm.is_main_process():
-        ensure_writable_dir(kind_of(cfg).output_dir(cfg))
+        ensure_writable_dir(output_dir)
     default_setup(cfg, args)
+    logger = setup_project_logger(output_dir)
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        logger.warning(
+            "--num-gpus %d, but no GPU is available: running %d CPU processes (gloo).",
+            args.num_gpus,
+            comm.get_world_size(),
+        )
     return cfg
 
 

@@ -21,6 +21,7 @@ import torch
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils import io as dp_io
+from direct_pretrain.utils.logger import setup_project_logger
 
 from conftest import tiny_cfg  # this script's folder (tests/) is on sys.path
 
@@ -74,5 +75,6 @@ if __name__ == "__main__":
     cfg = tiny_cfg(data, Path(out))
     for phase in ("PRETRAIN", "FINETUNE"):
         cfg.DIRECT_PRETRAIN[phase].MAX_ITER = 4
+    setup_project_logger(out)
     install(kill_point)
     run_pipeline(cfg)

@@ -6,13 +6,20 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
+from detectron2.structures import Boxes, BoxMode, Instances
+from PIL import Image
 
 from direct_pretrain.checkpoint import SafeCheckpointer
 from direct_pretrain.data.datasets import register_datasets
-from direct_pretrain.data.mapper import BadImageError
+from direct_pretrain.data.images import BadImageError, ImageSizeError, read_image_checked
+from direct_pretrain.data.mapper import CheckedDatasetMapper
+from direct_pretrain.data.pixel_stats import dataset_pixel_stats
+from direct_pretrain.data.resized_cache import resized_dicts
 from direct_pretrain.data.validate import DatasetError, checked_coco_json
 from direct_pretrain.phases import phase_config
 from direct_pretrain.pipeline import run_pipeline
@@ -119,6 +126,22 @@ def _ann(i, bbox, category=1, image=1):
         ([_ann(5, [0, 0, 5, 5], image=9)], None, "unknown image_id: ids 5"),
         ([_ann(6, [0, 0, 5])], None, "bbox is not 4 finite numbers: ids 6"),
         ([_ann(1, [0, 0, 5, 5])], [{"id": 1, "file_name": "a.png"}], "without width/height"),
+        (
+            [_ann(1, [0, 0, 5, 5])],
+            [
+                {"id": 1, "file_name": "a.png", "width": 50, "height": 40},
+                {"id": 1, "file_name": "b.png", "width": 50, "height": 40},
+            ],
+            r"data\.json.*same id \(ids 1\)",
+        ),
+        (
+            [_ann(1, [0, 0, 5, 5])],
+            [
+                {"id": 1, "file_name": "a.png", "width": 50, "height": 40},
+                {"id": 2, "file_name": "a.png", "width": 50, "height": 40},
+            ],
+            r"data\.json.*same file_name \(file names a\.png\)",
+        ),
     ],
 )
 def test_invalid_coco_is_refused_naming_ids(tmp_path, annotations, images, message):
@@ -211,3 +234,167 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="x.pth' holds objects other than tensors"):
         SafeCheckpointer(model).load(str(tmp_path / "x.pth"))
+
+
+def _record(path, width, height, image_id=1):
+    return {
+        "file_name": str(path),
+        "image_id": image_id,
+        "width": width,
+        "height": height,
+        "annotations": [],
+    }
+
+
+def _rgb(height=24, width=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def _truncated_jpeg(path):
+    Image.fromarray(_rgb(32, 32)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_16bit_png_is_scaled_not_white(tmp_path):
+    values = (np.arange(24 * 32, dtype=np.uint32).reshape(24, 32) * 85).astype(np.uint16)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")  # stored with 16 bits
+    expected = np.rint(values / 257).astype(np.uint8)  # 0..65535 -> 0..255
+    assert 0 < expected.mean() < 200
+    assert (read_image_checked(str(path), "BGR") == expected[..., None]).all()
+    mapped = CheckedDatasetMapper(False, augmentations=[], image_format="BGR")(
+        _record(path, 32, 24)
+    )
+    assert torch.equal(mapped["image"], torch.from_numpy(np.repeat(expected[None], 3, 0)))
+    mean, std = dataset_pixel_stats([str(path)], "BGR", 10, tmp_path / "cache")
+    assert mean == pytest.approx([expected.mean()] * 3, abs=1e-3)
+    assert std == pytest.approx([expected.std()] * 3, abs=1e-3)
+
+
+@pytest.mark.parametrize("name, mode", [("palette.png", "P"), ("cmyk.jpg", "CMYK")])
+def test_palette_and_cmyk_images_convert_like_pillow(tmp_path, name, mode):
+    path = tmp_path / name
+    rgb = Image.fromarray(_rgb())
+    (rgb.quantize(16) if mode == "P" else rgb.convert(mode)).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode == mode
+        expected = np.asarray(stored.convert("RGB"))
+    assert (read_image_checked(str(path), "RGB") == expected).all()
+    assert (read_image_checked(str(path), "BGR") == expected[:, :, ::-1]).all()
+
+
+def test_image_mode_without_8bit_conversion_is_refused(tmp_path):
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(path)
+    with pytest.raises(BadImageError, match=r"depth\.tif': mode F has no known conversion"):
+        read_image_checked(str(path), "BGR")
+
+
+def test_exif_rotated_image_with_the_stored_size_is_refused(tmp_path):
+    path = tmp_path / "phone.jpg"
+    image = Image.fromarray(_rgb(30, 40))  # stored 40 wide, 30 high
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees, so it shows 30 wide, 40 high
+    image.save(path, exif=exif)
+    box = {**_ann(1, [2, 20, 8, 8]), "bbox_mode": BoxMode.XYWH_ABS}
+    record = {**_record(path, 40, 30), "annotations": [box]}
+    sizes = r"phone\.jpg' is 30x40 \(width x height\) as decoded, but its dataset says 40x30"
+    mapper = CheckedDatasetMapper(True, augmentations=[], image_format="BGR")
+    with pytest.raises(ImageSizeError, match=sizes):
+        mapper(record)
+    with pytest.raises(ImageSizeError, match=sizes):
+        CheckedDatasetMapper(False, augmentations=[], image_format="BGR")(record)
+    with pytest.raises(BadImageError, match=sizes):  # never squashed into the cache
+        resized_dicts([record], 16, 16, tmp_path / "cache", workers=1)
+    upright = {**record, "width": 30, "height": 40}
+    assert mapper(upright)["image"].shape == (3, 40, 30)
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    path = _truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(BadImageError, match=r"cannot read image '.*cut\.jpg'"):
+        read_image_checked(str(path), "BGR")
+    mapper = CheckedDatasetMapper(True, augmentations=[], image_format="BGR")
+    with pytest.raises(BadImageError, match=r"cut\.jpg.*BAD_IMAGES skip"):
+        mapper(_record(path, 32, 32))
+
+
+def test_bad_images_in_statistics_and_cache(tmp_path, caplog):
+    good = []
+    for i in range(2):
+        good.append(tmp_path / f"ok{i}.png")
+        Image.fromarray(_rgb(32, 32, seed=i)).save(good[-1])
+    bad = _truncated_jpeg(tmp_path / "cut.jpg")
+    names = [str(p) for p in (*good, bad)]
+    cache = tmp_path / "cache"
+
+    with pytest.raises(BadImageError, match=r"pixel statistics: .*cut\.jpg.*BAD_IMAGES skip"):
+        dataset_pixel_stats(names, "BGR", 10, cache)
+    mean, _ = dataset_pixel_stats(names, "BGR", 10, cache, skip_bad=True)
+    assert "skipping bad image" in caplog.text and "cut.jpg" in caplog.text
+    pixels = np.concatenate([np.asarray(Image.open(p))[..., ::-1].reshape(-1, 3) for p in good])
+    assert mean == pytest.approx(pixels.mean(0).round(3).tolist())
+    with pytest.raises(BadImageError, match=r"cut\.jpg"):  # cached result, still named
+        dataset_pixel_stats(names, "BGR", 10, cache)
+
+    records = [_record(name, 32, 32, i) for i, name in enumerate(names)]
+    with pytest.raises(BadImageError, match=r"1 bad training image.*cut\.jpg.*BAD_IMAGES skip"):
+        resized_dicts(records, 16, 16, cache, workers=2)  # errors come back from the workers
+    (complete,) = (cache / "resized").glob("*/COMPLETE.json")
+    stamp = complete.stat().st_mtime_ns
+    caplog.clear()
+    kept = resized_dicts(records, 16, 16, cache, skip_bad=True, workers=2)
+    assert complete.stat().st_mtime_ns == stamp  # the copies of the first attempt are reused
+    assert "left out of the training set" in caplog.text and "cut.jpg" in caplog.text
+    assert [Image.open(d["file_name"]).size for d in kept] == [(16, 16)] * 2
+    assert all("cut" not in d["file_name"] for d in kept)
+
+
+class _GroundTruthModel(torch.nn.Module):
+    """A perfect detector: predicts each image's ground-truth boxes with score 1."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.boxes = {
+            r["image_id"]: [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in r["annotations"]
+            ]
+            for r in records
+        }
+
+    def forward(self, inputs):
+        outputs = []
+        for x in inputs:
+            boxes = torch.tensor(self.boxes[x["image_id"]], dtype=torch.float32)
+            instances = Instances((x["height"], x["width"]))
+            instances.pred_boxes = Boxes(boxes)
+            instances.scores = torch.ones(len(boxes))
+            instances.pred_classes = torch.zeros(len(boxes), dtype=torch.int64)
+            outputs.append({"instances": instances})
+        return outputs
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_bad_test_image_in_evaluation(synthetic_data, tmp_path, caplog, policy):
+    json_file, images = synthetic_data["val"]
+    copy = tmp_path / "val"
+    shutil.copytree(images, copy)
+    victim = sorted(copy.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:50])
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.REGISTER_COCO[1] = ["tiny_val", json_file, str(copy)]
+    cfg.DIRECT_PRETRAIN.BAD_IMAGES = policy
+    register_datasets(cfg)
+    pcfg = phase_config(cfg, "FINETUNE", 8)
+    model = _GroundTruthModel(DatasetCatalog.get("tiny_val"))
+    if policy == "stop":
+        with pytest.raises(BadImageError, match=victim.name):
+            DirectPretrainTrainer.test(pcfg, model)
+        return
+    results = DirectPretrainTrainer.test(pcfg, model)
+    # the left-out image's boxes are not counted as missed
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    assert victim.name in caplog.text and "restricted to the 2 of 3 images" in caplog.text

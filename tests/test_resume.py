@@ -13,6 +13,9 @@ import torch
 HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
+OUTPUT: dict[str, str] = {}  # kill point -> what the run printed
+
+
 def _run(out: Path, data_json: Path, kill_point: str) -> int:
     proc = subprocess.run(
         [sys.executable, str(HARNESS), str(out), str(data_json), kill_point],
@@ -22,6 +25,7 @@ def _run(out: Path, data_json: Path, kill_point: str) -> int:
     )
     if proc.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"{kill_point}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    OUTPUT[kill_point] = proc.stdout + proc.stderr
     return proc.returncode
 
 
@@ -41,6 +45,7 @@ def test_kill_anywhere_then_rerun(synthetic_data, tmp_path):
     # Killed half-way through writing the checkpoint after iteration 3 (model_0000002 is
     # written after the resumed iteration 2): the previous checkpoint stays the last one.
     assert _run(out, data_json, "write:model_0000002.pth") == -signal.SIGKILL
+    assert "Phase PRETRAIN: resuming at iteration 2 of 4" in OUTPUT["write:model_0000002.pth"]
     assert _last(pre) == "model_0000001.pth" and not (pre / "model_0000002.pth").exists()
     assert torch.load(pre / "model_0000001.pth", weights_only=True)["iteration"] == 1
 
@@ -54,6 +59,8 @@ def test_kill_anywhere_then_rerun(synthetic_data, tmp_path):
     assert _last(fine) == "model_final.pth" and not (fine / "phase_done.json").exists()
 
     assert _run(out, data_json, "none") == 0
+    assert "Phase PRETRAIN: already finished in" in OUTPUT["none"]
+    assert "Phase FINETUNE: resuming at iteration 2 of 4" in (out / "log.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     for phase, folder in (("PRETRAIN", pre), ("FINETUNE", fine)):
         done = json.loads((folder / "phase_done.json").read_text())

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
+
+import yaml
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
 from .aligndet.config import add_aligndet_config
 from .modeling import add_fcos_config, add_swin_config
+from .utils.io import flatten_dict
 
 __all__ = [
     "CfgNode",
@@ -26,6 +30,7 @@ __all__ = [
     "get_cfg",
     "load_config",
     "model_zoo_path",
+    "user_keys",
 ]
 
 CN = _D2CfgNode
@@ -72,6 +77,9 @@ def _phase_node(**overrides) -> CN:
     node.HEAD_NORM = ""
     # Backbone stages frozen (0: none). Refused with INIT "scratch".
     node.FREEZE_AT = 0
+    # Keep the backbone's BatchNorm statistics fixed while its affine parameters train
+    # (MMDetection's norm_eval, the public AlignDet fine-tuning with SyncBN).
+    node.BACKBONE_NORM_EVAL = False
     # Total images per iteration over all processes.
     node.IMS_PER_BATCH = 16
     # "SGD" (momentum 0.9) or "AdamW".
@@ -142,16 +150,6 @@ def add_direct_pretrain_config(cfg: CN) -> None:
         WARMUP_ITERS=500,
         WARMUP_FACTOR=0.01,
     )
-    # AlignDet box-domain pre-training: only the backbone body comes from the previous
-    # (image-domain) phase and stays frozen; FPN, RPN and box head learn from pseudo-boxes.
-    node.BOX_DOMAIN = _phase_node(
-        INIT="previous",
-        INIT_KEYS=r"^backbone\.bottom_up\.",
-        BACKBONE_NORM="FrozenBN",
-        IMS_PER_BATCH=16,
-        BASE_LR=0.02,
-        WARMUP_ITERS=500,
-    )
     node.FINETUNE = _phase_node(
         INIT="previous",
         BACKBONE_NORM="FrozenBN",
@@ -160,7 +158,7 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     )
     add_fcos_config(cfg)
     add_swin_config(cfg)
-    add_aligndet_config(cfg)
+    add_aligndet_config(cfg, _phase_node)  # ALIGNDET and the BOX_DOMAIN phase node
     # The from-scratch pre-training phase trains every stage with trainable norms.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.WEIGHTS = ""
@@ -182,6 +180,43 @@ class CfgNode(_D2CfgNode):
         if sep:
             filename = model_zoo_path(zoo_relative)
         return super()._open_cfg(filename)
+
+    def merge_from_other_cfg(self, cfg_other) -> None:
+        """yacs' merge, also accepting an integer for a float key (``EPOCHS: 2``)."""
+        _ints_to_floats(cfg_other, self)
+        super().merge_from_other_cfg(cfg_other)
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        """yacs' merge of ``KEY VALUE`` pairs, also accepting an integer for a float key."""
+        pairs = list(cfg_list)
+        for i in range(0, len(pairs) - 1, 2):
+            current = _lookup(self, pairs[i])
+            value = self._decode_cfg_value(pairs[i + 1])
+            if isinstance(current, float) and _is_int(value):
+                pairs[i + 1] = repr(float(value))
+        super().merge_from_list(pairs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(node, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _ints_to_floats(other: dict, base: dict) -> None:
+    """Turn integers in ``other`` into floats where ``base`` holds a float (in place)."""
+    for key, value in other.items():
+        current = base.get(key) if isinstance(base, dict) else None
+        if isinstance(value, dict):
+            _ints_to_floats(value, current)
+        elif isinstance(current, float) and _is_int(value):
+            other[key] = float(value)
 
 
 def model_zoo_path(relative: str) -> str:
@@ -231,6 +266,37 @@ def _same_type(default, value) -> bool:
     return isinstance(value, type(default))
 
 
+def user_keys(path: str, opts: Sequence[str] = ()) -> dict[str, str]:
+    """The keys a yacs config sets itself, ``{key: where}``: every key of the command-line
+    ``opts``, and the keys that ``path`` or the ``_BASE_`` files it names set to a value other
+    than that of Detectron2's defaults and the model-zoo files among its bases (so that a
+    dumped full config counts only for what it changes)."""
+    keys: dict[str, str] = {}
+    baseline = get_cfg()
+    _file_keys(path, keys, baseline)
+    merged = get_cfg()
+    merged.merge_from_file(path)
+    keys = {k: where for k, where in keys.items() if _lookup(merged, k) != _lookup(baseline, k)}
+    keys.update({key: "the command line" for key in list(opts)[0::2]})
+    return keys
+
+
+def _file_keys(path: str, keys: dict[str, str], baseline: CfgNode) -> None:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    bases = data.pop("_BASE_", [])
+    zoo = os.path.dirname(os.path.realpath(model_zoo_path("Base-RCNN-FPN.yaml")))
+    for base in [bases] if isinstance(bases, str) else bases:
+        if base.startswith(MODEL_ZOO_PREFIX):
+            base = model_zoo_path(base[len(MODEL_ZOO_PREFIX) :])
+        base = os.path.join(os.path.dirname(path), os.path.expanduser(base))
+        if os.path.realpath(base).startswith(zoo + os.sep):
+            baseline.merge_from_file(base)
+        else:
+            _file_keys(base, keys, baseline)
+    keys.update({key: path for key in flatten_dict(data)})
+
+
 def load_config(path: str, opts: list[str] = ()):
     """Load a yacs ``.yaml`` or a LazyConfig ``.py`` config and apply command-line overrides.
 
@@ -244,6 +310,9 @@ def load_config(path: str, opts: list[str] = ()):
         cfg.merge_from_file(path)
         cfg.merge_from_list(list(opts))
         cfg.freeze()
+        from .phases import check_phase_controlled  # phases imports this module
+
+        check_phase_controlled(cfg, user_keys(path, opts))
         return cfg
     from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
@@ -267,6 +336,11 @@ def load_config(path: str, opts: list[str] = ()):
             "direct_pretrain.lazy.default_direct_pretrain())"
         )
     check_lazy_node(cfg.DIRECT_PRETRAIN)
+    from .lazy import LAZY_CONTROLLED_PATHS
+    from .phases import check_phase_controlled
+
+    opt_keys = {opt.partition("=")[0].lstrip("+"): "the command line" for opt in opts}
+    check_phase_controlled(cfg, opt_keys, LAZY_CONTROLLED_PATHS)
     return cfg
 
 

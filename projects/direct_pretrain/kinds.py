@@ -14,7 +14,7 @@ from detectron2.config import CfgNode, LazyConfig, instantiate
 from omegaconf import DictConfig
 
 from .lazy import LazyPhaseTrainer, lazy_evaluate, lazy_phase_config, lazy_to_flat_dict
-from .phases import phase_config
+from .phases import PHASE_CONTROLLED_KEYS, phase_config
 from .trainer import DirectPretrainTrainer, training_dicts
 from .utils.env import check_cpp_requirements
 from .utils.io import atomic_write_text, flatten_dict
@@ -30,10 +30,22 @@ class ConfigKind:
     # Flat keys that may change between a run and its resume without changing the result.
     resume_safe_keys: tuple[str, ...] = ()
 
+    # Names of the device and initial-weights settings, for messages.
+    device_key: str = ""
+    weights_key: str = ""
+
     def output_dir(self, cfg) -> str: ...
     def weights(self, cfg) -> str: ...
+    def num_classes(self, cfg) -> dict[str, int]: ...
+    def pixel_stats(self, cfg) -> tuple[list[float], list[float]]: ...
     def with_weights(self, cfg, path: str): ...
-    def dataset_names(self, cfg) -> list[str]: ...
+    def dataset_names(self, cfg) -> list[str]:
+        """Training then test dataset names."""
+        train, test = self.split_names(cfg)
+        return [*train, *test]
+
+    def split_names(self, cfg) -> tuple[list[str], list[str]]: ...
+    def save_pipeline(self, cfg, path: str) -> None: ...
     def check(self, cfg) -> None: ...
     def train_dicts(self, cfg) -> list[dict]: ...
     def image_format(self, cfg) -> str: ...
@@ -56,6 +68,8 @@ class YacsKind(ConfigKind):
         "SOLVER.AMP.ENABLED",
         "OUTPUT_DIR",
     )
+    device_key = "MODEL.DEVICE"
+    weights_key = "MODEL.WEIGHTS"
 
     def output_dir(self, cfg):
         return cfg.OUTPUT_DIR
@@ -63,11 +77,33 @@ class YacsKind(ConfigKind):
     def weights(self, cfg):
         return cfg.MODEL.WEIGHTS
 
+    def num_classes(self, cfg):
+        arch = cfg.MODEL.META_ARCHITECTURE.replace("AlignDet", "")
+        key = _NUM_CLASSES_KEYS.get(arch)
+        return {} if key is None else {key: _lookup(cfg, key)}
+
+    def pixel_stats(self, cfg):
+        return list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+
     def with_weights(self, cfg, path):
         return _yacs_with(cfg, lambda c: c.MODEL.__setattr__("WEIGHTS", path))
 
-    def dataset_names(self, cfg):
-        return [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+    def split_names(self, cfg):
+        return list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
+
+    def save_pipeline(self, cfg, path):
+        tree = yaml.safe_load(cfg.dump())
+        for key in PHASE_CONTROLLED_KEYS:
+            *parents, leaf = key.split(".")
+            node = tree
+            for parent in parents:
+                node = node.get(parent, {})
+            node.pop(leaf, None)
+        header = (
+            "# The pipeline config as it ran (pixel statistics resolved). Keys that each phase "
+            "sets are left out:\n# each phase's values are in <phase>/phase_config.yaml.\n"
+        )
+        atomic_write_text(path, header + yaml.safe_dump(tree, sort_keys=True))
 
     def check(self, cfg):
         check_cpp_requirements(cfg)
@@ -121,6 +157,8 @@ class LazyKind(ConfigKind):
         "dataloader.test.num_workers",
         "dataloader.evaluator.output_dir",
     )
+    device_key = "train.device"
+    weights_key = "train.init_checkpoint"
 
     def output_dir(self, cfg):
         return cfg.train.output_dir
@@ -128,17 +166,28 @@ class LazyKind(ConfigKind):
     def weights(self, cfg):
         return cfg.train.init_checkpoint
 
+    def num_classes(self, cfg):
+        model = cfg.model
+        if "roi_heads" in model and "num_classes" in model.roi_heads:
+            return {"model.roi_heads.num_classes": model.roi_heads.num_classes}
+        return {"model.num_classes": model.num_classes} if "num_classes" in model else {}
+
+    def pixel_stats(self, cfg):
+        return list(cfg.model.pixel_mean), list(cfg.model.pixel_std)
+
     def with_weights(self, cfg, path):
         cfg = copy.deepcopy(cfg)
         cfg.train.init_checkpoint = path
         return cfg
 
-    def dataset_names(self, cfg):
-        return [
-            n
-            for loader in (cfg.dataloader.train, cfg.dataloader.test)
-            for n in _as_list(loader.dataset.names)
-        ]
+    def split_names(self, cfg):
+        return (
+            _as_list(cfg.dataloader.train.dataset.names),
+            _as_list(cfg.dataloader.test.dataset.names),
+        )
+
+    def save_pipeline(self, cfg, path):
+        LazyConfig.save(cfg, path)
 
     def check(self, cfg):
         pass  # Detectron2's common LazyConfig models need no C++ op; a custom one fails on use
@@ -174,6 +223,22 @@ class LazyKind(ConfigKind):
 
     def flat(self, pcfg):
         return lazy_to_flat_dict(pcfg)
+
+
+# Class-count key of each detector (AlignDet's box-domain versions share them).
+_NUM_CLASSES_KEYS = {
+    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "FCOSDetector": "MODEL.FCOS.NUM_CLASSES",
+    "FCOS": "MODEL.FCOS.NUM_CLASSES",
+}
+
+
+def _lookup(cfg: CfgNode, dotted: str):
+    for key in dotted.split("."):
+        cfg = cfg[key]
+    return cfg
 
 
 def _yacs_with(cfg: CfgNode, change) -> CfgNode:

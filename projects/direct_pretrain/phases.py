@@ -10,9 +10,12 @@ import torch
 from detectron2.config import CfgNode
 
 from .config import PHASE_NAMES
+from .phase_kinds import phase_kind
 
 __all__ = [
+    "PHASE_CONTROLLED_KEYS",
     "active_phases",
+    "check_phase_controlled",
     "phase_config",
     "phase_node",
     "schedule",
@@ -48,13 +51,25 @@ _HEAD_NORM_KEYS = (
     "MODEL.RETINANET.NORM",
     "MODEL.FCOS.NORM",
 )
-_INITS = ("scratch", "previous", "weights")
-# Detectors with a box-domain (AlignDet) version, and the meta-architecture that trains it.
-BOX_DOMAIN_ARCHS = {
-    "GeneralizedRCNN": "AlignDetRCNN",
-    "RetinaNet": "AlignDetRetinaNet",
-    "FCOSDetector": "AlignDetFCOS",
+# Other Detectron2 keys every phase sets, and the phase key(s) that decide them.
+_OTHER_CONTROLLED = {
+    "INPUT.RANDOM_FLIP": "RANDOM_FLIP",
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": "MIN_SIZE_TRAIN (sampled by 'choice')",
+    "INPUT.CROP": "AUGMENTATION fixed_size_crop with SCALE, RATIO_RANGE, CROP_SIZE",
+    "SOLVER.MAX_ITER": "EPOCHS or MAX_ITER",
+    "SOLVER.STEPS": "STEP_EPOCHS",
+    "SOLVER.LR_SCHEDULER_NAME": "STEP_EPOCHS (warmup, then x0.1 at each step)",
+    "SOLVER.AMP": "AMP",
+    "TEST.AUG": "nothing: test-time augmentation is not supported",
 }
+# Detectron2 key (or node) -> the phase key(s) that decide it. Each phase overwrites these, so
+# setting one outside DIRECT_PRETRAIN.<PHASE> is refused (:func:`check_phase_controlled`).
+PHASE_CONTROLLED_KEYS = {
+    **{d2_key: key for key, d2_key in _DIRECT_KEYS.items()},
+    **{d2_key: "HEAD_NORM" for d2_key in _HEAD_NORM_KEYS},
+    **_OTHER_CONTROLLED,
+}
+_INITS = ("scratch", "previous", "weights")
 _AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
 _OPTIMIZERS = ("SGD", "AdamW")
 
@@ -94,6 +109,47 @@ def _parent(cfg: CfgNode, dotted: str) -> tuple[CfgNode, str]:
 def _set(cfg: CfgNode, dotted: str, value) -> None:
     node, leaf = _parent(cfg, dotted)
     node[leaf] = value
+
+
+def _controlling(key: str, controlled: dict[str, str]) -> str | None:
+    for d2_key, phase_key in controlled.items():
+        if key == d2_key or key.startswith(d2_key + "."):
+            return phase_key
+    return None
+
+
+def check_phase_controlled(
+    cfg, user_keys: dict[str, str], controlled: dict[str, str] = PHASE_CONTROLLED_KEYS
+) -> None:
+    """Refuse Detectron2 keys that the phases set, when the user's config or command line sets
+    them: they would be silently overwritten. The message names the phase keys to use.
+
+    Args:
+        cfg: the merged pipeline config.
+        user_keys: ``{key: where it was set}`` (:func:`direct_pretrain.config.user_keys`).
+        controlled: config key (or node) -> the phase key(s) deciding it.
+
+    Raises:
+        PhaseConfigError: naming every such key, its value, where it was set and what to use.
+    """
+    phases = active_phases(cfg)
+    problems = []
+    for key, where in sorted(user_keys.items()):
+        phase_key = _controlling(key, controlled)
+        if phase_key is None:
+            continue
+        node, leaf = _parent(cfg, key)
+        if phase_key.isidentifier():
+            instead = ", ".join(f"DIRECT_PRETRAIN.{p}.{phase_key}" for p in phases)
+        else:
+            instead = f"{phase_key} in " + ", ".join(f"DIRECT_PRETRAIN.{p}" for p in phases)
+        problems.append(f"{key} = {node[leaf]!r} (from {where}): use {instead}")
+    if problems:
+        raise PhaseConfigError(
+            "these keys are set per phase by DIRECT_PRETRAIN and would be ignored:\n  "
+            + "\n  ".join(problems)
+            + "\nSet the phase keys instead (each phase has its own value)."
+        )
 
 
 def validate_phase(phase: str, node) -> None:
@@ -171,31 +227,10 @@ def phase_config(cfg: CfgNode, phase: str, num_train_images: int) -> CfgNode:
     out.SOLVER.AMP.ENABLED = node.AMP
     if node.INIT == "scratch":
         out.MODEL.WEIGHTS = ""
-    if phase == "BOX_DOMAIN":
-        _box_domain_model(out)
+    phase_kind(phase).adapt_config(out)  # e.g. AlignDet's box-domain model
     _adapt_to_device(out)
     out.freeze()
     return out
-
-
-def _box_domain_model(cfg: CfgNode) -> None:
-    """Swap the detector for its AlignDet box-domain wrapper (no mask head)."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in BOX_DOMAIN_ARCHS:
-        raise PhaseConfigError(
-            f"MODEL.META_ARCHITECTURE = {arch}: BOX_DOMAIN pre-training supports "
-            f"{', '.join(BOX_DOMAIN_ARCHS)}"
-        )
-    if arch == "GeneralizedRCNN":
-        if cfg.MODEL.ROI_HEADS.NAME != "StandardROIHeads":
-            raise PhaseConfigError(
-                f"MODEL.ROI_HEADS.NAME = {cfg.MODEL.ROI_HEADS.NAME}: BOX_DOMAIN "
-                "pre-training supports StandardROIHeads (one box head)"
-            )
-        cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = cfg.ALIGNDET.RPN_BATCH_SIZE_PER_IMAGE
-        cfg.MODEL.RPN.POSITIVE_FRACTION = cfg.ALIGNDET.RPN_POSITIVE_FRACTION
-        cfg.MODEL.MASK_ON = False
-    cfg.MODEL.META_ARCHITECTURE = BOX_DOMAIN_ARCHS[arch]
 
 
 def _adapt_to_device(cfg: CfgNode) -> None:

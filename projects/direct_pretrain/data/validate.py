@@ -1,8 +1,9 @@
 """Check a user's COCO detection file before training on it; repair what is safe to repair.
 
 Errors (a ``DatasetError`` naming the file and the offending ids): no images, no annotations,
-an image without width/height, an annotation whose ``image_id`` or ``category_id`` is not
-declared, a ``bbox`` that is not four numbers.
+two images with the same id or the same file name (their boxes would be merged or trained
+twice), an image without width/height, an annotation whose ``image_id`` or ``category_id`` is
+not declared, a ``bbox`` that is not four numbers.
 
 Repairs (counted and logged; a repaired copy is written to the cache and registered instead,
 so training and evaluation see the same boxes): a box reaching outside its image is clipped to
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 from ..utils.io import atomic_write_json
@@ -24,6 +26,7 @@ __all__ = ["DatasetError", "checked_coco_json", "repair_coco"]
 
 logger = logging.getLogger(__name__)
 _MAX_IDS = 10
+CHECK_VERSION = 2  # 2: duplicate image ids / file names; cached verdicts of 1 are rechecked
 
 
 class DatasetError(ValueError):
@@ -50,11 +53,20 @@ def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
     Raises:
         DatasetError: the problems listed in the module docstring.
     """
-    images = {img["id"]: img for img in data.get("images", [])}
+    image_list = data.get("images", [])
+    images = {img["id"]: img for img in image_list}
     annotations = data.get("annotations", [])
     categories = {c["id"] for c in data.get("categories", [])}
     if not images:
         raise DatasetError(f"{source}: no images")
+    for key, what in (("id", "ids"), ("file_name", "file names")):
+        counts = Counter(img.get(key) for img in image_list)
+        repeated = [value for value, n in counts.items() if n > 1 and value is not None]
+        if repeated:
+            raise DatasetError(
+                f"{source}: several images share the same {key} ({what} "
+                f"{_ids(map(str, repeated))}); each image needs its own {key}"
+            )
     if not annotations:
         raise DatasetError(
             f"{source}: no annotations (an empty annotation list has nothing "
@@ -109,7 +121,7 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
     """
     stat = os.stat(json_file)
     key = hashlib.sha256(
-        f"{os.path.abspath(json_file)}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+        f"v{CHECK_VERSION}|{os.path.abspath(json_file)}|{stat.st_size}|{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
     folder = cache_dir / "checked_coco"
     verdict_file = folder / f"{key}.verdict.json"

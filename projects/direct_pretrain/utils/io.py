@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
 __all__ = [
+    "atomic_open",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
     "ensure_writable_dir",
+    "file_signature",
     "flatten_dict",
     "remove_partial_files",
 ]
@@ -29,15 +32,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file to write ``path`` with (``mode`` "wb" or "w"): a temporary file beside it,
+    fsynced and renamed to ``path`` when the block ends, deleted if it raises."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open({str(path)!r}): mode {mode!r} is not 'wb' or 'w'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(tmp, mode, encoding=None if mode == "wb" else "utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
@@ -50,6 +57,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it."""
+    with atomic_open(path) as f:
+        write(f)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -105,3 +118,13 @@ def flatten_dict(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def file_signature(path: str | os.PathLike) -> str:
+    """``size|mtime`` of a file, for cache keys that change when the file does
+    ("unreadable" if it cannot be stat-ed: the pass that reads it names it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "unreadable"
+    return f"{stat.st_size}|{stat.st_mtime_ns}"

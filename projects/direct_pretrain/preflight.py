@@ -1,0 +1,111 @@
+"""Checks run before anything trains: settings that would be ignored or fail late, and the
+fingerprint of the data a phase was trained and evaluated on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .phases import PhaseConfigError, active_phases
+
+__all__ = [
+    "check_num_classes",
+    "check_weights_used",
+    "dataset_fingerprints",
+    "warn_unused_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _classes(name: str) -> list[str]:
+    meta = MetadataCatalog.get(name)
+    if not meta.get("thing_classes", None):
+        DatasetCatalog.get(name)  # a COCO dataset sets its classes when it is loaded
+    return list(meta.get("thing_classes", None) or [])
+
+
+def check_num_classes(
+    num_classes: dict[str, int], train_names: list[str], test_names: list[str]
+) -> None:
+    """The model's class count must be the training set's; test sets need the same classes.
+
+    Args:
+        num_classes: ``{config key: value}`` of the model's class counts.
+        train_names, test_names: registered dataset names.
+
+    Raises:
+        PhaseConfigError: naming the key, its value and the dataset's categories.
+    """
+    if not train_names:
+        return
+    classes = _classes(train_names[0])
+    for name in [*train_names[1:], *test_names]:
+        other = _classes(name)
+        if other and classes and other != classes:
+            raise PhaseConfigError(
+                f"dataset '{name}' has the categories {other}, but the training set "
+                f"'{train_names[0]}' has {classes}: training and test sets must have the same "
+                "categories, in the same order"
+            )
+    if not classes:
+        return
+    for key, value in num_classes.items():
+        if value != len(classes):
+            raise PhaseConfigError(
+                f"{key} = {value}, but the training set '{train_names[0]}' has "
+                f"{len(classes)} categories ({', '.join(classes[:20])}"
+                f"{', ...' if len(classes) > 20 else ''}): set {key} {len(classes)}"
+            )
+
+
+def check_weights_used(cfg, weights_key: str, weights: str) -> None:
+    """Refuse initial weights that no active phase would load (INIT is not "weights")."""
+    if not weights:
+        return
+    phases = active_phases(cfg)
+    if not any(cfg.DIRECT_PRETRAIN[p].INIT == "weights" for p in phases):
+        inits = ", ".join(f"{p}: {cfg.DIRECT_PRETRAIN[p].INIT}" for p in phases)
+        raise PhaseConfigError(
+            f"{weights_key} = '{weights}' would be ignored: no phase starts from it ({inits}). "
+            f"Set DIRECT_PRETRAIN.<PHASE>.INIT weights for the phase that should, or set "
+            f"{weights_key} to ''."
+        )
+
+
+def warn_unused_datasets(node, used: list[str]) -> None:
+    """Warn about datasets registered by ``DIRECT_PRETRAIN.REGISTER_COCO`` that no phase uses."""
+    registered = [str(entry[0]) for entry in node.REGISTER_COCO]
+    unused = [name for name in registered if name not in used]
+    if unused:
+        logger.warning(
+            "DIRECT_PRETRAIN.REGISTER_COCO registers %s, but no phase uses %s: the phases "
+            "train and evaluate on %s. Name them in DATASETS.TRAIN / DATASETS.TEST (LazyConfig: "
+            "dataloader.train/test.dataset.names).",
+            unused,
+            "it" if len(unused) == 1 else "them",
+            used,
+        )
+
+
+def dataset_fingerprints(names: list[str]) -> dict[str, str]:
+    """``{name: digest}`` of each dataset's content: its annotation file (boxes, categories,
+    image list), or its dataset dicts if it has no annotation file."""
+    return {name: _fingerprint(name) for name in names}
+
+
+def _fingerprint(name: str) -> str:
+    digest = hashlib.sha256()
+    json_file = MetadataCatalog.get(name).get("json_file", None)
+    if json_file and os.path.isfile(json_file):
+        with open(json_file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        dicts = DatasetCatalog.get(name)
+        digest.update(json.dumps(dicts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""Dataset-wide passes in multi-process runs: built once by the main process, errors on all ranks.
+
+Pixel statistics, the low-resolution cache and AlignDet's pseudo-boxes are each computed once
+into a content-keyed cache. :func:`build_on_main` runs such a pass on the main process while the
+others wait; if it fails there, every process raises (no rank is left waiting in a barrier until
+the NCCL timeout), and otherwise the other processes run it too, which then reads the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from detectron2.utils import comm
+
+__all__ = ["MainProcessError", "build_on_main"]
+
+T = TypeVar("T")
+
+
+class MainProcessError(RuntimeError):
+    """A dataset-wide pass failed on the main process; raised on the other processes."""
+
+
+def build_on_main(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on the main process first, then on the others (which read its cache).
+
+    Args:
+        fn: the pass; it must be cheap the second time (cached by content).
+        what: a few words naming the pass, for the error raised on the other processes.
+
+    Returns:
+        ``fn()`` on every process.
+
+    Raises:
+        Whatever ``fn`` raised, on the main process; :class:`MainProcessError` with that
+        message on the other processes.
+    """
+    if comm.get_world_size() == 1:
+        return fn()
+    error, result = None, None
+    if comm.is_main_process():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling every rank
+            error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages = comm.all_gather(message)  # every rank waits here for the main process
+    if error is not None:
+        raise error
+    if messages[0] is not None:
+        raise MainProcessError(f"{what} failed on the main process: {messages[0]}")
+    return result if comm.is_main_process() else fn()
