@@ -30,6 +30,7 @@ def test_config_trains_each_phase(path, synthetic_data, run_dir):
         folder = run_dir / phase.lower()
         done = json.loads((folder / "phase_done.json").read_text())
         assert done["iterations"] == 2
+        assert list(folder.glob("events.out.tfevents.*")), f"no TensorBoard events in {folder}"
         assert ("bbox" in done["results"]) == (phase != "BOX_DOMAIN")  # no classifier there
         if cfg.DIRECT_PRETRAIN[phase].INIT == "previous":
             report = json.loads((folder / "bridged_init_report.json").read_text())

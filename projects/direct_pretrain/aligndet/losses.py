@@ -8,39 +8,78 @@ import torch
 from detectron2.engine import HookBase
 from torch.nn import functional as F
 
-__all__ = ["EMAHook", "ema_momentum", "info_nce"]
+__all__ = ["EMAHook", "box_contrastive_loss", "ema_momentum"]
 
 
-def info_nce(
-    queries: torch.Tensor,
-    instance_ids: torch.Tensor,
-    target_keys: torch.Tensor,
-    online_keys: torch.Tensor,
+# Replaces masked logits: its exp() is exactly 0 in float32 (no -inf, no NaN gradients).
+_MASKED = -1e9
+
+
+def box_contrastive_loss(
+    online: torch.Tensor,
+    online_ids: torch.Tensor,
+    target: torch.Tensor,
+    target_ids: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """Box-level InfoNCE of AlignDet.
+    """AlignDet's box-level contrastive loss, per instance as the public code computes it.
+
+    Every sampled RoI (anchor, point) of view 1 (online detector) and view 2 (target detector)
+    belongs to an instance (a pseudo-box id, the same in both views) or to the background
+    (id < 0, dense detectors only). For each instance ``c`` with online RoIs (the queries):
+    the keys are its target RoIs (its queries themselves if the target has none); the
+    negatives are the RoIs of every other instance and of the background in both views, the
+    online ones detached. Each (key, query) pair is a cross-entropy over
+    ``[q.k, q.n_1, ..., q.n_K] / temperature`` with the key as the answer; the pairs of an
+    instance are averaged, then the instances. Computed in float32 (safe under autocast).
 
     Args:
-        queries: (Q, D) L2-normalised online embeddings of positive RoIs of view 1.
-        instance_ids: (Q,) index of each query's pseudo-box (instance) among the M instances.
-        target_keys: (M, D) L2-normalised target-detector embeddings of the instances in view 2;
-            the query's own instance is its positive, the others are negatives.
-        online_keys: (M, D) L2-normalised online embeddings of the instances in view 1; every
-            instance but the query's own is a negative.
+        online: (N1, D) online embeddings (not normalised) of the sampled RoIs of view 1.
+        online_ids: (N1,) instance id of each, < 0 for background.
+        target: (N2, D) target embeddings of the sampled RoIs of view 2 (no gradient needed).
+        target_ids: (N2,) instance id of each, < 0 for background.
         temperature: the softmax temperature.
 
     Returns:
-        Cross-entropy at the positive, averaged over the queries (0 without queries). The keys
-        are used as given: pass them detached.
+        The loss (0, with a graph, when view 1 has no instance RoI).
     """
-    if len(queries) == 0:
-        return queries.sum() * 0.0
-    rows = torch.arange(len(queries), device=queries.device)
-    target_logits = queries @ target_keys.T / temperature
-    online_logits = (queries @ online_keys.T / temperature).index_put(
-        (rows, instance_ids), torch.tensor(float("-inf"), device=queries.device)
+    with torch.autocast(online.device.type, enabled=False):
+        return _box_contrastive_loss(
+            online.float(), online_ids, target.float(), target_ids, temperature
+        )
+
+
+def _box_contrastive_loss(online, online_ids, target, target_ids, temperature):
+    online = F.normalize(online, dim=1)
+    target = F.normalize(target, dim=1)
+    is_query = online_ids >= 0
+    if not bool(is_query.any()):
+        return online.sum() * 0.0
+    queries, query_ids = online[is_query], online_ids[is_query]
+    # Negatives of a query: every RoI of both views whose instance differs from its own.
+    negatives = torch.cat([online.detach(), target])
+    negative_ids = torch.cat([online_ids, target_ids])
+    negative_logits = (queries @ negatives.T / temperature).masked_fill(
+        query_ids[:, None] == negative_ids[None, :], _MASKED
     )
-    return F.cross_entropy(torch.cat([target_logits, online_logits], dim=1), instance_ids)
+    negative_lse = torch.logsumexp(
+        torch.cat([negative_logits, negative_logits.new_full((len(queries), 1), _MASKED)], 1), 1
+    )
+    # Keys: the target RoIs; an instance the target has none of uses its own queries.
+    instances = torch.unique(query_ids)
+    without_key = ~torch.isin(instances, target_ids)
+    own = torch.isin(query_ids, instances[without_key])
+    keys = torch.cat([target, queries[own]])
+    key_ids = torch.cat([target_ids, query_ids[own]])
+    positive = queries @ keys.T / temperature
+    pair = query_ids[:, None] == key_ids[None, :]
+    pair_loss = (torch.logaddexp(positive, negative_lse[:, None]) - positive) * pair
+    # Mean over the (key, query) pairs of each instance, then over the instances.
+    slot = torch.searchsorted(instances, query_ids)
+    loss_sum = pair_loss.new_zeros(len(instances)).index_add_(0, slot, pair_loss.sum(1))
+    pairs = pair.sum(1).to(loss_sum.dtype)
+    pair_count = loss_sum.new_zeros(len(instances)).index_add_(0, slot, pairs)
+    return (loss_sum / pair_count).mean()
 
 
 def ema_momentum(base: float, iteration: int, max_iter: int) -> float:

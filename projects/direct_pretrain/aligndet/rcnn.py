@@ -1,19 +1,20 @@
 """Box-domain pre-training of two-stage detectors (Faster/Mask R-CNN): ``AlignDetRCNN``.
 
-The online detector is a GeneralizedRCNN whose ResNet/Swin body is frozen; its FPN, RPN and
-RoI box head are trained without labels on two views of each image:
+As the public code (liming-ai/AlignDet: ``SelfSupDetector``, ``SelfSupMaskRCNN``,
+``SelfSupConvFCBBoxHead.loss``, ``configs/_base_/models/selfsup_mask_rcnn_r50_fpn.py``):
 
-* RPN: objectness and box regression with the pseudo-boxes as ground truth, sampling as many
-  positive anchors as possible (``ALIGNDET.RPN_*``: 4096 anchors per image, positive fraction
-  1, negatives only fill what positives leave), as the public recipe.
-* RoI head: proposals and pseudo-boxes matched to a pseudo-box at IoU >= 0.5 (positives only)
-  give a 256-d projection (an fc-ReLU-fc MLP in place of the classifier), trained with
-  :func:`info_nce` against the target detector's embedding of the same pseudo-box in view 2,
-  and a class-agnostic L1 box regression toward the pseudo-box.
+* the online detector (FPN, RPN, box head; ResNet/Swin body frozen) runs on view 1, the
+  target detector (an EMA copy of all of it) on view 2, each with its own RPN proposals;
+* RPN: objectness and box regression with the pseudo-boxes as ground truth, 4096 anchors per
+  image with positive fraction 1 (negatives only fill what positives leave);
+* RoIs: in each view, proposals plus the pseudo-boxes, matched to a pseudo-box at IoU >= 0.5;
+  up to ``ALIGNDET.POSITIVES_PER_IMAGE`` positives sampled, no negatives;
+* the classifier becomes a 256-d fc-ReLU-fc projection trained with
+  :func:`box_contrastive_loss` (every online RoI of an instance against every target RoI of
+  it; negatives the other instances' RoIs of both views); L1 regression of the online RoIs
+  toward their pseudo-box (class-agnostic here; the public head indexes its class-specific
+  outputs by instance id).
 
-The target detector (FPN, box head and projection) is an EMA of the online one, run on view 2
-without gradients; its embedding of each pseudo-box in view 2 is the positive of that instance
-(the public code samples target RoIs too; using the pseudo-box itself is our simplification).
 The mask head is not pre-trained.
 """
 
@@ -30,7 +31,7 @@ from detectron2.structures import Boxes, pairwise_iou
 from torch import nn
 from torch.nn import functional as F
 
-from .losses import info_nce
+from .losses import box_contrastive_loss
 from .target import EMATargetMixin
 
 __all__ = ["AlignDetRCNN", "BoxDomainPredictor"]
@@ -63,7 +64,7 @@ class BoxDomainPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.flatten(1)
-        return F.normalize(self.projector(x), dim=1), self.bbox_pred(x)
+        return self.projector(x), self.bbox_pred(x)
 
 
 @META_ARCH_REGISTRY.register()
@@ -93,6 +94,7 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         self.init_target(
             {
                 "backbone": self.backbone,
+                "proposal_generator": self.proposal_generator,
                 "box_head": heads.box_head,
                 "box_predictor": heads.box_predictor,
             }
@@ -107,7 +109,15 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         }
 
     def _online_module(self, name: str) -> nn.Module:
-        return self.backbone if name == "backbone" else getattr(self.roi_heads, name)
+        if name in ("backbone", "proposal_generator"):
+            return getattr(self, name)
+        return getattr(self.roi_heads, name)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The target's RPN proposes as in training (train top-k), as the public code's does.
+        self.target["proposal_generator"].train(mode)
+        return self
 
     # --- training ---------------------------------------------------------------------------
     def _embed(self, features: dict, boxes: list[Boxes], box_head, box_predictor):
@@ -117,7 +127,8 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         return box_predictor(box_head(pooled))
 
     def _positive_rois(self, proposals, gt_instances):
-        """Per image: sampled positive RoIs (IoU >= 0.5 with a pseudo-box) and their matches."""
+        """Per image: sampled positive RoIs (IoU >= 0.5 with a pseudo-box, pseudo-boxes
+        included) and the index of their pseudo-box."""
         rois, matched = [], []
         for props, gt in zip(proposals, gt_instances):
             props = add_ground_truth_to_proposals([gt], [props])[0]
@@ -130,6 +141,11 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
             matched.append(idx[positive])
         return rois, matched
 
+    def _instance_ids(self, matched: list[torch.Tensor], gt_instances) -> torch.Tensor:
+        """Pseudo-box j of image i is instance offsets[i] + j of the batch (both views)."""
+        offsets = torch.cumsum(torch.tensor([0] + [len(g) for g in gt_instances]), 0).tolist()
+        return cat([m + offsets[i] for i, m in enumerate(matched)])
+
     def forward(self, batched_inputs: list[dict]):
         self._require_training()
         views = [[x[v] for x in batched_inputs] for v in ("view1", "view2")]
@@ -138,27 +154,26 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
         heads = self.roi_heads
 
         features1 = self.backbone(images1.tensor)
-        proposals, losses = self.proposal_generator(images1, features1, gt1)
-        rois, matched = self._positive_rois(proposals, gt1)
-        # Pseudo-box j of image i is instance offsets[i] + j of the batch.
-        offsets = torch.cumsum(torch.tensor([0] + [len(g) for g in gt1]), 0).tolist()
-        instance_ids = cat([m + offsets[i] for i, m in enumerate(matched)])
-        queries, deltas = self._embed(features1, rois, heads.box_head, heads.box_predictor)
-        matched_boxes = cat([g.gt_boxes.tensor[m] for g, m in zip(gt1, matched)])
-        targets = self.box2box_transform.get_deltas(cat([r.tensor for r in rois]), matched_boxes)
-        loss_reg = F.l1_loss(deltas, targets, reduction="sum") / max(len(targets), 1)
+        proposals1, losses = self.proposal_generator(images1, features1, gt1)
+        rois1, matched1 = self._positive_rois(proposals1, gt1)
+        embed1, deltas = self._embed(features1, rois1, heads.box_head, heads.box_predictor)
         with torch.no_grad():
-            online_keys = self._embed(
-                features1, [g.gt_boxes for g in gt1], heads.box_head, heads.box_predictor
-            )[0]
             features2 = self.target["backbone"](images2.tensor)
-            target_keys = self._embed(
-                features2,
-                [g.gt_boxes for g in gt2],
-                self.target["box_head"],
-                self.target["box_predictor"],
-            )[0]
-        loss_contrast = info_nce(queries, instance_ids, target_keys, online_keys, self.temperature)
+            proposals2, _ = self.target["proposal_generator"](images2, features2, gt2)
+            rois2, matched2 = self._positive_rois(proposals2, gt2)
+            embed2, _ = self._embed(
+                features2, rois2, self.target["box_head"], self.target["box_predictor"]
+            )
+        loss_contrast = box_contrastive_loss(
+            embed1,
+            self._instance_ids(matched1, gt1),
+            embed2,
+            self._instance_ids(matched2, gt2),
+            self.temperature,
+        )
+        matched_boxes = cat([g.gt_boxes.tensor[m] for g, m in zip(gt1, matched1)])
+        targets = self.box2box_transform.get_deltas(cat([r.tensor for r in rois1]), matched_boxes)
+        loss_reg = F.l1_loss(deltas.float(), targets, reduction="sum") / max(len(targets), 1)
         losses.update(
             loss_contrast=self.contrast_weight * loss_contrast,
             loss_box_reg=self.reg_weight * loss_reg,

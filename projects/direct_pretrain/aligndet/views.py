@@ -13,33 +13,47 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["PHOTOMETRIC_OPS", "PhotometricTransform", "RandomPhotometric", "TwoViewMapper"]
+from .proposals import max_per_image
+
+__all__ = [
+    "MAX_MAGNITUDE",
+    "PHOTOMETRIC_OPS",
+    "PhotometricTransform",
+    "RandomPhotometric",
+    "TwoViewMapper",
+]
 
 
-def _enhance(kind) -> Callable[[Image.Image, float], Image.Image]:
-    return lambda image, m: kind(image).enhance(1.0 + m)
+def _enhance(kind) -> Callable[[Image.Image, int], Image.Image]:
+    # Enhancement factor 0.1 + 1.8 m / 10: 0.28 to 1.72 for m = 1..9.
+    return lambda image, m: kind(image).enhance(0.1 + 1.8 * m / MAX_MAGNITUDE)
 
 
-# One of these is applied to each view; ``m`` in [-0.5, 0.5] is drawn per view.
-PHOTOMETRIC_OPS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
+# The public code's photometric operations (its ``OneOf`` of RandAug ops): one is applied to
+# each view with an integer magnitude ``m`` drawn from 1..9 (of MAX_MAGNITUDE 10) per view.
+MAX_MAGNITUDE = 10
+PHOTOMETRIC_OPS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
     "identity": lambda image, m: image,
     "autocontrast": lambda image, m: ImageOps.autocontrast(image),
     "equalize": lambda image, m: ImageOps.equalize(image),
-    "solarize": lambda image, m: ImageOps.solarize(image, int(192 + 128 * m)),
+    # Pixels at or above the threshold int(256 m / 10) (25 to 230) are inverted.
+    "solarize": lambda image, m: ImageOps.solarize(image, min(256 * m // MAX_MAGNITUDE, 255)),
     "color": _enhance(ImageEnhance.Color),
     "contrast": _enhance(ImageEnhance.Contrast),
     "brightness": _enhance(ImageEnhance.Brightness),
     "sharpness": _enhance(ImageEnhance.Sharpness),
-    "posterize": lambda image, m: ImageOps.posterize(image, 4 + round(2 * m)),
+    # 4 - int(4 m / 10) bits kept: 4 to 1.
+    "posterize": lambda image, m: ImageOps.posterize(image, 4 - 4 * m // MAX_MAGNITUDE),
 }
 
 
 class PhotometricTransform(T.Transform):
     """A named PIL photometric operation on the image; boxes and coordinates are unchanged."""
 
-    def __init__(self, op: str, magnitude: float) -> None:
+    def __init__(self, op: str, magnitude: int) -> None:
         super().__init__()
-        self._set_attributes(locals())
+        self.op = op
+        self.magnitude = magnitude
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
         pil = Image.fromarray(np.ascontiguousarray(img[:, :, ::-1]))  # BGR -> RGB
@@ -50,11 +64,11 @@ class PhotometricTransform(T.Transform):
 
 
 class RandomPhotometric(T.Augmentation):
-    """Applies one photometric operation drawn uniformly from ``PHOTOMETRIC_OPS``."""
+    """One operation drawn uniformly from ``PHOTOMETRIC_OPS``, magnitude uniform in 1..9."""
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
         op = random.choice(sorted(PHOTOMETRIC_OPS))
-        return PhotometricTransform(op, random.uniform(-0.5, 0.5))
+        return PhotometricTransform(op, random.randint(1, MAX_MAGNITUDE - 1))
 
 
 class TwoViewMapper:
@@ -62,7 +76,8 @@ class TwoViewMapper:
     ``instances.gt_boxes`` holding the image's pseudo-boxes in that view's geometry.
 
     Box ``i`` of view 1 and box ``i`` of view 2 are the same pseudo-box (one instance); boxes
-    smaller than ``min_box_size`` in either view are dropped from both.
+    not wider and taller than ``min_box_size`` in either view are dropped from both. Only the
+    first ``max_boxes`` pseudo-boxes of an image are used (0: all).
     """
 
     def __init__(
@@ -71,8 +86,10 @@ class TwoViewMapper:
         augmentations: Sequence[T.Augmentation],
         image_format: str,
         min_box_size: float,
+        max_boxes: int = 0,
     ) -> None:
         self.proposals = proposals
+        self.max_boxes = max_boxes
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
         self.min_box_size = min_box_size
@@ -86,7 +103,7 @@ class TwoViewMapper:
         ]
         if view.PHOTOMETRIC:
             augs.append(RandomPhotometric())
-        return cls(proposals, augs, cfg.INPUT.FORMAT, view.MIN_BOX_SIZE)
+        return cls(proposals, augs, cfg.INPUT.FORMAT, view.MIN_BOX_SIZE, max_per_image(cfg))
 
     def _view(self, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         aug_input = T.AugInput(image, boxes=boxes.copy())
@@ -101,10 +118,12 @@ class TwoViewMapper:
     def __call__(self, dataset_dict: dict) -> dict:
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         boxes = self.proposals[dataset_dict["file_name"]]
+        if self.max_boxes > 0:
+            boxes = boxes[: self.max_boxes]
         (img1, boxes1), (img2, boxes2) = self._view(image, boxes), self._view(image, boxes)
         keep = np.ones(len(boxes), dtype=bool)
         for b in (boxes1, boxes2):
-            keep &= np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= self.min_box_size
+            keep &= np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) > self.min_box_size
         # width/height: read by Detectron2's aspect-ratio grouping of the loader.
         out = {
             "file_name": dataset_dict["file_name"],

@@ -1,0 +1,70 @@
+"""Phase kinds: the one extension point for a phase that is not plain detector training.
+
+A phase is a detector trained on labelled boxes unless a :class:`PhaseKind` is registered
+under its name. The kind decides what changes for that phase: its model (``adapt_config``),
+its training data (``build_train_loader``), extra hooks, whether it is evaluated, how its
+initial weights are prepared, and what the next phase must not take from it
+(``transfer_drop``). AlignDet registers ``BOX_DOMAIN`` (:mod:`.aligndet.phase`).
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode
+
+__all__ = ["PhaseKind", "config_key_applies", "phase_kind", "register_phase_kind"]
+
+
+class PhaseKind:
+    """Plain detector training; subclasses override what their phase changes."""
+
+    # Whether the phase's model is a detector that the phase evaluates.
+    evaluates: bool = True
+    # Whether LazyConfig pipelines can run the phase.
+    supports_lazy: bool = True
+    # Config keys (prefixes) that only this kind reads; other phases ignore them.
+    config_prefixes: tuple[str, ...] = ()
+
+    def adapt_config(self, cfg: CfgNode) -> None:
+        """Change the phase's (unfrozen) Detectron2 config, e.g. its meta-architecture."""
+
+    def build_train_loader(self, cfg: CfgNode):
+        """The phase's training loader, or None for the detector's default loader."""
+        return None
+
+    def hooks(self, cfg: CfgNode) -> list:
+        """Extra training hooks of the phase."""
+        return []
+
+    def prepare_weights(self, cfg: CfgNode) -> CfgNode:
+        """The phase config with its INIT weights made loadable (called on every process)."""
+        return cfg
+
+    def transfer_drop(self, next_cfg: CfgNode) -> tuple[str, ...]:
+        """Key patterns of the next phase's model to re-initialise when it starts from this
+        phase's final model (``next_cfg``: the next phase's config)."""
+        return ()
+
+
+_DEFAULT = PhaseKind()
+_KINDS: dict[str, PhaseKind] = {}
+
+
+def register_phase_kind(name: str, kind: PhaseKind) -> None:
+    """Make ``kind`` decide how the phase ``name`` (a DIRECT_PRETRAIN node) trains."""
+    _KINDS[name] = kind
+
+
+def phase_kind(name: str) -> PhaseKind:
+    """The kind of the phase ``name`` (plain detector training if none is registered)."""
+    return _KINDS.get(name, _DEFAULT)
+
+
+def config_key_applies(key: str, phase: str) -> bool:
+    """False for a key that only another phase kind reads (e.g. ``ALIGNDET.*`` outside
+    BOX_DOMAIN)."""
+    own = phase_kind(phase)
+    return not any(
+        kind is not own and key.startswith(kind.config_prefixes)
+        for kind in _KINDS.values()
+        if kind.config_prefixes
+    )
