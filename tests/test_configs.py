@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from detectron2.config import instantiate
+from detectron2.modeling import build_backbone
+from detectron2.modeling.backbone.resnet import BottleneckBlock
+from omegaconf import DictConfig
 
 from direct_pretrain import get_cfg
 from direct_pretrain.config import load_config, model_zoo_path
@@ -62,11 +66,32 @@ LAZY_DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
 
 
 def test_lazy_overrides_are_checked():
-    cfg = load_config(LAZY_DEMO, ["DIRECT_PRETRAIN.PRETRAIN.EPOCHS=12", "train.max_iter=7"])
-    assert cfg.DIRECT_PRETRAIN.PRETRAIN.EPOCHS == 12 and cfg.train.max_iter == 7
+    cfg = load_config(LAZY_DEMO, ["DIRECT_PRETRAIN.PRETRAIN.EPOCHS=12", "train.log_period=7"])
+    assert cfg.DIRECT_PRETRAIN.PRETRAIN.EPOCHS == 12 and cfg.train.log_period == 7
     with pytest.raises(KeyError, match="Non-existent config key: train.max_itr"):
         load_config(LAZY_DEMO, ["train.max_itr=3"])
     with pytest.raises(KeyError, match="DIRECT_PRETRAIN.PRETRAIN.BASE_LRR"):
         load_config(LAZY_DEMO, ["+DIRECT_PRETRAIN.PRETRAIN.BASE_LRR=0.1"])
     with pytest.raises(ValueError, match="DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH: 'many'"):
         load_config(LAZY_DEMO, ["DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH=many"])
+
+
+# The COCO recipes with a bottleneck ResNet (R-18 has basic blocks; Swin-T none).
+RESNET_RECIPES = [
+    p for p in CONFIGS if "COCO" in p.parts and not any(s in p.name for s in ("R_18", "swin"))
+]
+
+
+@pytest.mark.parametrize("path", RESNET_RECIPES, ids=config_id)
+def test_recipe_resnet_strides_in_the_3x3_conv(path: Path):
+    """The paper's torchvision-style ResNet, not Detectron2's default (stride in the 1x1)."""
+    cfg = load_config(str(path))
+    pcfg = kind_of(cfg).phase_config(cfg, active_phases(cfg)[0], num_images=1000)
+    if isinstance(pcfg, DictConfig):
+        backbone = instantiate(pcfg.model.backbone.bottom_up)
+    else:
+        backbone = build_backbone(pcfg)
+    strided = [b for b in backbone.modules() if isinstance(b, BottleneckBlock) and b.stride == 2]
+    assert len(strided) == 3, f"{path.name}: expected res3-res5 to start with a strided block"
+    for block in strided:
+        assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2), path.name

@@ -13,7 +13,7 @@ from detectron2.utils import comm
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.trainer import DirectPretrainTrainer
 
-from conftest import tiny_cfg
+from conftest import skip_without_cpu_multiprocess, tiny_cfg
 
 NORM = "backbone.bottom_up.stem.conv1.norm"
 
@@ -44,6 +44,7 @@ def _worker(cfg, folder: str) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 def test_two_processes_sync_bn_only_where_the_phase_says(synthetic_data, tmp_path):
+    skip_without_cpu_multiprocess(ddp=True)
     cfg = tiny_cfg(synthetic_data, tmp_path / "run")
     for phase in ("PRETRAIN", "FINETUNE"):
         cfg.DIRECT_PRETRAIN[phase].MAX_ITER = 3

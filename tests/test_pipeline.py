@@ -30,6 +30,7 @@ def test_phases_write_checkpoints_metrics_and_summary(finished):
         assert (folder / "last_checkpoint").read_text() == "model_final.pth"
         metrics = [json.loads(line) for line in (folder / "metrics.json").read_text().splitlines()]
         assert any("total_loss" in m for m in metrics)
+        assert list(folder.glob("events.out.tfevents.*")), f"no TensorBoard events in {folder}"
         done = json.loads((folder / "phase_done.json").read_text())
         assert "AP" in done["results"]["bbox"] and done["iterations"] == 2
     assert (out / "finetune" / "bridged_init.pth").is_file()

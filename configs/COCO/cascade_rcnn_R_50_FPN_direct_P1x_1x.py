@@ -15,5 +15,6 @@ train = get_config("common/train.py").train
 model.roi_heads.update(mask_in_features=None, mask_pooler=None, mask_head=None)
 model.proposal_generator.post_nms_topk = (2000, 1000)
 model.pixel_std = PIXEL_STD
+model.backbone.bottom_up.stages.stride_in_1x1 = False  # as the paper (torchvision-style)
 dataloader.train.mapper.use_instance_mask = False
 train.output_dir = "output/coco/cascade_rcnn_R_50_FPN_direct_P1x_1x_lazy"

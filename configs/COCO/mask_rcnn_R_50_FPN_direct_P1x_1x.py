@@ -14,4 +14,5 @@ train = get_config("common/train.py").train
 
 model.roi_heads.box_head.update(conv_dims=[256] * 4, fc_dims=[1024])
 model.pixel_std = PIXEL_STD
+model.backbone.bottom_up.stages.stride_in_1x1 = False  # as the paper (torchvision-style)
 train.output_dir = "output/coco/mask_rcnn_R_50_FPN_direct_P1x_1x_lazy"

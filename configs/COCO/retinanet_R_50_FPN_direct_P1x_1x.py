@@ -14,6 +14,7 @@ optimizer = get_config("common/optim.py").SGD
 train = get_config("common/train.py").train
 
 model.pixel_std = PIXEL_STD
+model.backbone.bottom_up.stages.stride_in_1x1 = False  # as the paper (torchvision-style)
 dataloader.train.mapper.use_instance_mask = False
 train.output_dir = "output/coco/retinanet_R_50_FPN_direct_P1x_1x_lazy"
 DIRECT_PRETRAIN["PRETRAIN"].update(BASE_LR=0.04, WARMUP_ITERS=1000)

@@ -1,68 +1,83 @@
-"""A DetectionCheckpointer with atomic writes and weights-only loading."""
+"""A DetectionCheckpointer with atomic writes, a finiteness check and weights-only loading."""
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
+from typing import IO, Any, ContextManager
+from urllib.parse import urlparse
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
-from .utils.io import atomic_torch_save, atomic_write_text
+from .utils.io import atomic_open
 
 __all__ = ["SafeCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
 
-class SafeCheckpointer(DetectionCheckpointer):
-    """Checkpoints that are never half-written and loaded without running pickled code.
+class _AtomicWrites:
+    """A path manager that writes local files atomically and passes everything else on.
 
-    * ``save`` and ``last_checkpoint`` go to a temporary name, are fsynced, then renamed: a run
-      killed while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to
-      it, and a partial file is never loaded. Non-finite weights are never saved.
-    * ``.pth`` files are loaded with ``torch.load(weights_only=True)``. Detectron2's legacy
-      ``.pkl`` model-zoo files need pickle; they are loaded only when named explicitly (e.g. in
-      ``MODEL.WEIGHTS``), with a warning.
+    ``open`` for writing gives a context manager, as fvcore's ``Checkpointer`` uses it.
     """
 
+    def __init__(self, path_manager) -> None:
+        self._path_manager = path_manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path_manager, name)
+
+    def open(self, path: str, mode: str = "r", **kwargs) -> IO | ContextManager[IO]:
+        if mode in ("w", "wb") and "://" not in str(path):
+            return atomic_open(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """Checkpoints that are never half-written, never diverged, and loaded without running
+    pickled code.
+
+    * Checkpoints and ``last_checkpoint`` are written by fvcore's ``Checkpointer.save`` through
+      :attr:`path_manager`, which writes a temporary file, fsyncs it and renames it: a run killed
+      while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to it.
+    * Non-finite weights are never saved. In a multi-process run :meth:`save` is collective:
+      every process calls it, and if the weights of any one are non-finite, every one raises.
+    * ``.pth`` files are loaded by ``torch.load`` with its ``weights_only`` default (torch 2.6
+      and later). Detectron2's legacy ``.pkl`` model-zoo files need pickle; they are loaded
+      only when named explicitly (e.g. in ``MODEL.WEIGHTS``), with a warning.
+    """
+
+    def __init__(self, model, save_dir: str = "", **kwargs) -> None:
+        super().__init__(model, save_dir, **kwargs)
+        self.path_manager = _AtomicWrites(self.path_manager)
+
     def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
         state = self.model.state_dict()
         bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
-        if bad:  # never let a diverged model become the "last good" checkpoint
+        bad_by_rank = {rank: keys for rank, keys in enumerate(comm.all_gather(bad)) if keys}
+        if bad_by_rank:  # never let a diverged model become the "last good" checkpoint
+            keys = next(iter(bad_by_rank.values()))
+            where = f" on process(es) {sorted(bad_by_rank)}" if comm.get_world_size() > 1 else ""
             raise FloatingPointError(
-                f"not saving checkpoint '{name}': non-finite weights in {bad[:3]} "
-                f"({len(bad)} tensors); training has diverged"
+                f"not saving checkpoint '{name}': non-finite weights in {keys[:3]} "
+                f"({len(keys)} tensors){where}; training has diverged"
             )
-        data = {"model": state}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        self.logger.info("Saving checkpoint to %s", os.path.join(self.save_dir, basename))
-        atomic_torch_save(data, os.path.join(self.save_dir, basename))
-        self.tag_last_checkpoint(basename)
+        super().save(name, **kwargs)
 
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
-
-    def _load_file(self, filename: str) -> dict:
-        if filename.endswith(".pkl"):
+    def load(self, path: str, *args, **kwargs) -> dict:
+        if path and urlparse(path).path.endswith(".pkl"):
             logger.warning(
                 "Loading %s with pickle (a legacy Detectron2 format): pickle can run "
                 "code, load only files you trust.",
-                filename,
+                path,
             )
-            return super()._load_file(filename)
+            return super().load(path, *args, **kwargs)
         try:
-            with open(filename, "rb") as f:
-                loaded = torch.load(f, map_location="cpu", weights_only=True)
+            return super().load(path, *args, **kwargs)
         except pickle.UnpicklingError as e:
             raise ValueError(
-                f"'{filename}' holds objects other than tensors and plain containers; they are "
+                f"'{path}' holds objects other than tensors and plain containers; they are "
                 "not unpickled (weights_only loading). Re-save its state dict if you trust it."
             ) from e
-        return loaded if "model" in loaded else {"model": loaded}

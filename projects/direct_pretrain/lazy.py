@@ -10,6 +10,7 @@ yacs keys, and :class:`LazyPhaseTrainer` trains it with Detectron2's SimpleTrain
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import time
@@ -21,30 +22,34 @@ from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.data import DatasetFromList
 from detectron2.data import transforms as T
-from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver import WarmupParamScheduler
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import SafeCheckpointer
+from .coco_evaluator import CheckedCOCOEvaluator
 from .config import get_cfg
 from .data.datasets import cache_dir
-from .data.mapper import CheckedDatasetMapper
+from .data.mapper import CheckedDatasetMapper, WithoutSkipped
 from .data.resized_cache import maybe_resized
+from .phase_kinds import phase_kind
 from .phases import PhaseConfigError, schedule, validate_phase
 from .trainer import (
     NO_DECAY_PARAMS,
     PhaseTimer,
     augmentation_specs,
-    phase_writers,
     record_evaluation,
 )
+from .utils.dist import build_on_main
 from .utils.env import has_cpp_ops
 from .utils.io import flatten_dict
 
 __all__ = [
+    "LAZY_CONTROLLED_PATHS",
     "LazyPhaseTrainer",
     "default_direct_pretrain",
     "lazy_evaluate",
@@ -65,6 +70,26 @@ _NORM_PATHS = {
     ),
 }
 
+# LazyConfig paths each phase sets, and the phase key(s) that decide them (overriding one on
+# the command line is refused).
+LAZY_CONTROLLED_PATHS = {
+    "optimizer.lr": "BASE_LR",
+    "optimizer.weight_decay": "WEIGHT_DECAY",
+    "optimizer.params.weight_decay_norm": "WEIGHT_DECAY_NORM",
+    "optimizer._target_": "OPTIMIZER",
+    "dataloader.train.total_batch_size": "IMS_PER_BATCH",
+    "dataloader.train.mapper.augmentations": "AUGMENTATION and its size keys, RANDOM_FLIP",
+    "dataloader.test.mapper.augmentations": "MIN_SIZE_TEST and MAX_SIZE_TEST",
+    "train.max_iter": "EPOCHS or MAX_ITER",
+    "train.checkpointer.period": "CHECKPOINT_PERIOD",
+    "train.eval_period": "EVAL_PERIOD",
+    "train.amp.enabled": "AMP",
+    "lr_multiplier": "STEP_EPOCHS, WARMUP_ITERS and WARMUP_FACTOR",
+    "model.backbone.bottom_up.freeze_at": "FREEZE_AT",
+    "model.roi_heads.batch_size_per_image": "ROI_BATCH_SIZE_PER_IMAGE",
+    **{path: key for key, paths in _NORM_PATHS.items() for path in paths},
+}
+
 
 def default_direct_pretrain() -> dict:
     """The ``DIRECT_PRETRAIN`` node's defaults as a plain dict, for LazyConfig files."""
@@ -82,21 +107,53 @@ def _parent(cfg: DictConfig, path: str):
     return node
 
 
-def _assign(cfg: DictConfig, path: str, value) -> None:
+def _assign(cfg: DictConfig, path: str, value) -> bool:
+    """Set ``path`` to ``value`` if the config has it, or if its object's ``_target_`` takes
+    that argument; return whether it did."""
     node = _parent(cfg, path)
-    if node is not None:
-        node[path.rpartition(".")[2]] = value
+    leaf = path.rpartition(".")[2]
+    if node is None or (leaf not in node and not _takes(node.get("_target_"), leaf)):
+        return False
+    node[leaf] = value
+    return True
 
 
-def _set_norms(cfg: DictConfig, node) -> None:
+def _takes(target, argument: str) -> bool:
+    """Whether calling ``target`` (a LazyCall's class or function) accepts ``argument``."""
+    if isinstance(target, str):
+        try:
+            target = locate(target)
+        except ImportError:
+            return False
+    try:
+        return argument in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _apply(cfg: DictConfig, phase: str, key: str, value, paths: tuple[str, ...]) -> None:
+    """Set ``value`` of phase ``key`` at every path the lazy model has; a value other than the
+    default that lands nowhere is an error naming the paths."""
+    applied = [_assign(cfg, path, value) for path in paths]
+    if not any(applied) and value != default_direct_pretrain()[phase][key]:
+        raise PhaseConfigError(
+            f"DIRECT_PRETRAIN.{phase}.{key} = {value!r} cannot be applied to this LazyConfig "
+            f"model: it has none of {', '.join(paths)}. Set it in the model instead, or leave "
+            "the phase key at its default."
+        )
+
+
+def _set_norms(cfg: DictConfig, phase: str, node) -> None:
     norms = {key: node[key] for key in _NORM_PATHS}
+    cascade_heads = (cfg.model.get("roi_heads") or {}).get("box_heads") or ()
     if cfg.train.device == "cpu":  # torch's SyncBatchNorm refuses CPU tensors
         norms = {k: "naiveSyncBN" if v == "SyncBN" else v for k, v in norms.items()}
     for key, paths in _NORM_PATHS.items():
-        for path in paths:
-            _assign(cfg, path, norms[key])
-    for head in (cfg.model.get("roi_heads") or {}).get("box_heads") or ():  # Cascade R-CNN
-        head.conv_norm = norms["HEAD_NORM"]
+        if key == "HEAD_NORM" and cascade_heads:
+            for head in cascade_heads:  # Cascade R-CNN
+                head.conv_norm = norms[key]
+            continue
+        _apply(cfg, phase, key, norms[key], paths)
 
 
 def _set_optimizer(cfg: DictConfig, node) -> None:
@@ -114,9 +171,10 @@ def _set_optimizer(cfg: DictConfig, node) -> None:
 def _set_data(cfg: DictConfig, node) -> None:
     train, test = cfg.dataloader.train, cfg.dataloader.test
     train.total_batch_size = node.IMS_PER_BATCH
+    skip_bad = cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip"
     for mapper in (train.mapper, test.mapper):
         mapper._target_ = CheckedDatasetMapper
-    train.mapper.skip_bad_images = cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip"
+        mapper.skip_bad_images = skip_bad
     train.mapper.seed = cfg.train.get("seed", 0)
     train.mapper.augmentations = [
         L(cls)(**kwargs) for cls, kwargs in augmentation_specs(node, cfg.model.pixel_mean)
@@ -125,6 +183,8 @@ def _set_data(cfg: DictConfig, node) -> None:
         L(T.ResizeShortestEdge)(short_edge_length=node.MIN_SIZE_TEST, max_size=node.MAX_SIZE_TEST)
     ]
     evaluator = cfg.dataloader.evaluator
+    evaluator._target_ = CheckedCOCOEvaluator
+    evaluator.skip_bad_images = skip_bad
     evaluator.use_fast_impl = has_cpp_ops()
     evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
     has_masks = (cfg.model.get("roi_heads") or {}).get("mask_head") is not None
@@ -141,10 +201,10 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     """
     node = cfg.DIRECT_PRETRAIN[phase]
     validate_phase(phase, node)
-    if phase == "BOX_DOMAIN":
+    if not phase_kind(phase).supports_lazy:
         raise PhaseConfigError(
-            "the BOX_DOMAIN (AlignDet) phase needs a yacs config; the "
-            "LazyConfig path runs PRETRAIN and FINETUNE"
+            f"the {phase} phase (e.g. AlignDet's BOX_DOMAIN) needs a yacs config; the "
+            "LazyConfig path runs detector phases (PRETRAIN, FINETUNE)"
         )
     out = copy.deepcopy(cfg)
     node = out.DIRECT_PRETRAIN[phase]
@@ -152,9 +212,15 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
     out.train.output_dir = os.path.join(cfg.train.output_dir, phase.lower())
     if str(out.train.device).startswith("cuda") and not torch.cuda.is_available():
         out.train.device = "cpu"
-    _set_norms(out, node)
-    _assign(out, "model.backbone.bottom_up.freeze_at", node.FREEZE_AT)
-    _assign(out, "model.roi_heads.batch_size_per_image", node.ROI_BATCH_SIZE_PER_IMAGE)
+    _set_norms(out, phase, node)
+    _apply(out, phase, "FREEZE_AT", node.FREEZE_AT, ("model.backbone.bottom_up.freeze_at",))
+    _apply(
+        out,
+        phase,
+        "ROI_BATCH_SIZE_PER_IMAGE",
+        node.ROI_BATCH_SIZE_PER_IMAGE,
+        ("model.roi_heads.batch_size_per_image",),
+    )
     _set_data(out, node)
     _set_optimizer(out, node)
     max_iter, steps = schedule(node, num_train_images)
@@ -179,7 +245,9 @@ def lazy_phase_config(cfg: DictConfig, phase: str, num_train_images: int) -> Dic
 def lazy_evaluate(cfg: DictConfig, model: torch.nn.Module) -> dict:
     """COCO evaluation of ``model`` on ``dataloader.test`` (printed as Detectron2's table)."""
     results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        model,
+        WithoutSkipped(instantiate(cfg.dataloader.test)),
+        instantiate(cfg.dataloader.evaluator),
     )
     if comm.is_main_process():
         print_csv_format(results)
@@ -191,7 +259,7 @@ class LazyPhaseTrainer:
 
     Exposes what the pipeline reads from :class:`~direct_pretrain.trainer.DirectPretrainTrainer`:
     ``resume_or_load``, ``train``, ``start_iter``, ``max_iter``, ``iter``, ``checkpointer``,
-    ``timer``, ``eval_results``, ``eval_history`` and ``eval_seconds``.
+    ``timer``, ``eval_results``, ``eval_history``, ``eval_seconds`` and ``eval_cpu_seconds``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -211,23 +279,25 @@ class LazyPhaseTrainer:
         self.eval_results: dict = {}
         self.eval_history: list[dict] = []
         self.eval_seconds = 0.0
+        self.eval_cpu_seconds = 0.0
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         main = comm.is_main_process()
+        # On every process (SafeCheckpointer.save is collective); only the main one writes,
+        # and deletes old checkpoints.
+        checkpointing = (
+            cfg.train.checkpointer if main else {"period": cfg.train.checkpointer.period}
+        )
         self.trainer.register_hooks(
             [
                 self.timer,
                 hooks.IterationTimer(),
                 hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-                (
-                    hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
-                    if main
-                    else None
-                ),
+                hooks.PeriodicCheckpointer(self.checkpointer, **checkpointing),
                 hooks.EvalHook(cfg.train.eval_period, self._evaluate),
                 (
                     hooks.PeriodicWriter(
-                        phase_writers(cfg.train.output_dir, self.max_iter),
+                        default_writers(cfg.train.output_dir, self.max_iter),
                         period=cfg.train.log_period,
                     )
                     if main
@@ -242,10 +312,12 @@ class LazyPhaseTrainer:
         loader_cfg = copy.deepcopy(cfg.dataloader.train)
         node = cfg.DIRECT_PRETRAIN[cfg.DIRECT_PRETRAIN.PHASE]
         dicts, cache = instantiate(loader_cfg.dataset), cache_dir(cfg.DIRECT_PRETRAIN)
-        if comm.is_main_process():
-            maybe_resized(dicts, node, cache, loader_cfg.num_workers)
-        comm.synchronize()
-        dataset = DatasetFromList(maybe_resized(dicts, node, cache), copy=False)
+        skip_bad = cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip"
+        resized = build_on_main(
+            lambda: maybe_resized(dicts, node, cache, skip_bad, loader_cfg.num_workers),
+            "the low-resolution cache",
+        )
+        dataset = DatasetFromList(resized, copy=False)
         mapper = instantiate(loader_cfg.mapper)
         mapper.fallback = dataset
         loader_cfg.dataset, loader_cfg.mapper = dataset, mapper
@@ -264,9 +336,10 @@ class LazyPhaseTrainer:
         self.trainer.train(self.start_iter, self.max_iter)
 
     def _evaluate(self) -> dict:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.eval_results = lazy_evaluate(self.cfg, self.trainer.model)
         self.eval_seconds += time.perf_counter() - start
+        self.eval_cpu_seconds += time.process_time() - cpu_start
         record_evaluation(self)
         return self.eval_results
 

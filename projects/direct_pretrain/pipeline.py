@@ -2,8 +2,10 @@
 
 A phase is finished when its folder holds ``phase_done.json`` (written atomically after its
 final evaluation); a rerun skips finished phases and resumes an interrupted one from its last
-complete checkpoint. A phase folder remembers the config it was started with, and a rerun
-with a config that would change its result is refused, naming the keys. Works the same for
+complete checkpoint. A phase folder remembers the config it was started with and a fingerprint
+of its datasets, and a rerun with a config or data that would change its result is refused,
+naming the keys or datasets. Every phase says in the log whether it is skipped, started,
+resumed or bridged. Works the same for
 yacs and LazyConfig configs (:mod:`.kinds`) and with any number of processes (only the main
 process writes files; the others wait for it).
 """
@@ -16,16 +18,26 @@ import os
 import time
 from pathlib import Path
 
+import torch
+import yaml
 from detectron2.utils import comm
 
-from .aligndet import transfer_drop
 from .bridge import bridge_checkpoint, load_model_state
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .evaluation import load_weights_strictly, predictor
 from .kinds import ConfigKind, kind_of
+from .phase_kinds import config_key_applies, phase_kind
 from .phases import active_phases, phase_node
+from .predict.run import export_for_prediction
+from .preflight import (
+    check_num_classes,
+    check_weights_used,
+    dataset_fingerprints,
+    warn_unused_datasets,
+)
 from .report import write_report
+from .utils.dist import build_on_main
 from .utils.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -33,7 +45,13 @@ from .utils.io import (
     remove_partial_files,
 )
 
-__all__ = ["prepare_config", "run_pipeline", "evaluate_weights", "PhaseStateError"]
+__all__ = [
+    "PhaseStateError",
+    "evaluate_weights",
+    "prepare_config",
+    "run_pipeline",
+    "saved_pixel_stats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +62,20 @@ BRIDGED_FILE = "bridged_init.pth"
 SUMMARY_FILE = "summary.json"
 # Phase keys that may change between a run and its resume (speed and bookkeeping only).
 PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
+# Phase-key prefix of the dataset fingerprints a phase folder remembers.
+DATA_PREFIX = "DATASET_FINGERPRINT."
 
 
 class PhaseStateError(RuntimeError):
     """A phase folder holds a run that this config cannot continue."""
 
 
-def prepare_config(cfg):
-    """Register datasets and check the config; return it with pixel statistics resolved.
+def prepare_config(cfg, eval_only: bool = False):
+    """Register datasets and check the config before anything runs; resolve pixel statistics.
+
+    Args:
+        cfg: the pipeline config.
+        eval_only: only the test sets are needed (no training set, no pixel statistics).
 
     Returns:
         The config, with the model's pixel mean/std computed from the training set if
@@ -60,23 +84,37 @@ def prepare_config(cfg):
     kind = kind_of(cfg)
     kind.check(cfg)
     node = cfg.DIRECT_PRETRAIN
-    if node.PIXEL_STATS not in ("config", "dataset"):
-        raise ValueError(
-            f"DIRECT_PRETRAIN.PIXEL_STATS = '{node.PIXEL_STATS}' is not " "'config' or 'dataset'"
-        )
-    names = kind.dataset_names(cfg)
-    if comm.is_main_process():  # build cached datasets once before the other processes
+    for key, allowed in (("PIXEL_STATS", ("config", "dataset")), ("BAD_IMAGES", ("stop", "skip"))):
+        if node[key] not in allowed:
+            raise ValueError(
+                f"DIRECT_PRETRAIN.{key} = '{node[key]}' is not one of {', '.join(allowed)}"
+            )
+    device = kind.device(cfg)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("%s = %s, but no GPU is available: running on CPU.", kind.device_key, device)
+    train_names, test_names = kind.split_names(cfg)
+    if eval_only:
+        train_names = []
+    names = [*train_names, *test_names]
+    if comm.is_main_process():
         ensure_writable_dir(kind.output_dir(cfg))
-        register_named_datasets(node, names)
-    comm.synchronize()
-    register_named_datasets(node, names)
+    build_on_main(lambda: register_named_datasets(node, names), "registering the datasets")
+    if comm.is_main_process():
+        warn_unused_datasets(node, kind.dataset_names(cfg))
+    check_num_classes(kind.num_classes(cfg), train_names or test_names[:1], test_names)
+    if eval_only:
+        return cfg, 1
     dicts = kind.train_dicts(cfg)
     if node.PIXEL_STATS == "dataset":
-        mean, std = dataset_pixel_stats(
-            [d["file_name"] for d in dicts],
-            kind.image_format(cfg),
-            node.PIXEL_STATS_MAX_IMAGES,
-            cache_dir(node),
+        mean, std = build_on_main(
+            lambda: dataset_pixel_stats(
+                [d["file_name"] for d in dicts],
+                kind.image_format(cfg),
+                node.PIXEL_STATS_MAX_IMAGES,
+                cache_dir(node),
+                skip_bad=node.BAD_IMAGES == "skip",
+            ),
+            "pixel statistics",
         )
         cfg = kind.with_pixel_stats(cfg, mean, std)
     return cfg, len(dicts)
@@ -90,25 +128,64 @@ def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
         for k, v in flat.items()
         if k not in safe
         and (not k.startswith("DIRECT_PRETRAIN.") or k.startswith(f"DIRECT_PRETRAIN.{phase}."))
-        and (not k.startswith("ALIGNDET.") or phase == "BOX_DOMAIN")
+        and config_key_applies(k, phase)
     }
 
 
-def _check_same_config(kind: ConfigKind, pcfg) -> None:
-    """Refuse to continue a phase folder started with a config that changes the result."""
+def _check_same_config(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> None:
+    """Refuse to continue a phase folder started with a config or data that change the result."""
     saved = Path(kind.output_dir(pcfg)) / PHASE_KEYS_FILE
     if not saved.is_file():
         return
     phase = pcfg.DIRECT_PRETRAIN.PHASE
-    before = _result_keys(kind, json.loads(saved.read_text()), phase)
-    now = _result_keys(kind, json.loads(json.dumps(kind.flat(pcfg))), phase)
+    saved_keys = json.loads(saved.read_text())
+    before = _result_keys(kind, saved_keys, phase)
+    now = _result_keys(kind, _phase_keys(kind, pcfg, fingerprints), phase)
+    if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # a run from before fingerprints
+        now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    data = [k.removeprefix(DATA_PREFIX) for k in changed if k.startswith(DATA_PREFIX)]
+    changed = [k for k in changed if not k.startswith(DATA_PREFIX)]
+    reasons = []
+    if data:
+        reasons.append(
+            f"the data changed since: dataset(s) {', '.join(repr(d) for d in data)} (their "
+            "annotation file or image list differs)"
+        )
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:10])
+        reasons.append(f"it was started with another config ({details})")
+    if reasons:
         raise PhaseStateError(
-            f"{kind.output_dir(pcfg)} holds a run started with another config ({details}). "
-            "Use a new output folder, or delete that folder to restart the phase."
+            f"{kind.output_dir(pcfg)} holds a run of phase {phase} that this command cannot "
+            f"continue: {'; '.join(reasons)}. Use a new OUTPUT_DIR, or delete that folder to "
+            "restart the phase."
         )
+
+
+def _phase_keys(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
+    """What a phase folder remembers: its flat config and the fingerprints of its datasets."""
+    flat = json.loads(json.dumps(kind.flat(pcfg)))
+    return {**flat, **{DATA_PREFIX + name: digest for name, digest in fingerprints.items()}}
+
+
+def _forget_attempt_without_checkpoint(folder: Path, phase: str) -> None:
+    """A phase folder with neither a checkpoint nor a finished state starts afresh."""
+    if not folder.is_dir() or (folder / DONE_FILE).is_file():
+        return
+    if (folder / "last_checkpoint").is_file():
+        return
+    stale = [folder / PHASE_KEYS_FILE, folder / PHASE_CONFIG_FILE, *folder.glob("bridged_init*")]
+    stale = [f for f in stale if f.is_file()]
+    if stale:
+        logger.info(
+            "Phase %s: the earlier attempt in %s stopped before its first checkpoint; starting "
+            "afresh.",
+            phase,
+            folder,
+        )
+        for f in stale:
+            f.unlink()
 
 
 def _read_done(folder: str) -> dict | None:
@@ -137,21 +214,30 @@ def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
 def _bridge_into(kind: ConfigKind, cfg, pcfg) -> None:
     """Bridge the previous phase's final model into phase ``pcfg`` (once), at its weights."""
     target_file = kind.weights(pcfg)
-    if comm.is_main_process() and not os.path.isfile(target_file):
-        phase = pcfg.DIRECT_PRETRAIN.PHASE
+    phase = pcfg.DIRECT_PRETRAIN.PHASE
+    if comm.is_main_process() and os.path.isfile(target_file):
+        logger.info("Phase %s: starts from the bridged weights %s", phase, target_file)
+    elif comm.is_main_process():
         previous, source = _previous_phase(kind, cfg, phase)
+        logger.info(
+            "Phase %s: bridging the final model of phase %s (%s) into %s",
+            phase,
+            previous,
+            source,
+            target_file,
+        )
         bridge_checkpoint(
             source,
             kind.build_model(pcfg, on_cpu=True),
             target_file,
             reinit_on_class_change=pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE,
-            drop=transfer_drop(pcfg) if previous == "BOX_DOMAIN" else (),
+            drop=phase_kind(previous).transfer_drop(pcfg),
             select=phase_node(pcfg).INIT_KEYS,
         )
     comm.synchronize()
 
 
-def _run_phase(kind: ConfigKind, pcfg) -> dict:
+def _run_phase(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
     """Train (or resume) one phase, evaluate it and mark it done; return its record."""
     phase = pcfg.DIRECT_PRETRAIN.PHASE
     out = Path(kind.output_dir(pcfg))
@@ -161,12 +247,24 @@ def _run_phase(kind: ConfigKind, pcfg) -> dict:
         if removed:
             logger.info("Removed partial files of an interrupted run: %s", removed)
         kind.save(pcfg, str(out / PHASE_CONFIG_FILE))
-        atomic_write_json(out / PHASE_KEYS_FILE, kind.flat(pcfg))
+        atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(kind, pcfg, fingerprints))
     trainer = kind.trainer(pcfg)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(
-            "Phase %s: resuming at iteration %d of %d", phase, trainer.start_iter, trainer.max_iter
+            "Phase %s: resuming at iteration %d of %d (%s)",
+            phase,
+            trainer.start_iter,
+            trainer.max_iter,
+            out,
+        )
+    else:
+        logger.info(
+            "Phase %s: starting, %d iterations of %d images (%s)",
+            phase,
+            trainer.max_iter,
+            phase_node(pcfg).IMS_PER_BATCH,
+            out,
         )
     try:
         trainer.train()
@@ -186,6 +284,8 @@ def _run_phase(kind: ConfigKind, pcfg) -> dict:
         "eval_history": trainer.eval_history,
         "wall_seconds": round(trainer.timer.seconds, 1),
         "eval_seconds": round(trainer.eval_seconds, 1),
+        "cpu_seconds": round(trainer.timer.cpu_seconds, 1),
+        "eval_cpu_seconds": round(trainer.eval_cpu_seconds, 1),
         "final_model": str(out / "model_final.pth"),
     }
     if comm.is_main_process():
@@ -207,7 +307,11 @@ def run_pipeline(cfg) -> dict:
     """
     start = time.perf_counter()
     kind = kind_of(cfg)
+    check_weights_used(cfg, kind.weights_key, kind.weights(cfg))
     cfg, num_images = prepare_config(cfg)
+    fingerprints = dataset_fingerprints(kind.dataset_names(cfg))
+    if comm.is_main_process():
+        kind.save_pipeline(cfg, os.path.join(kind.output_dir(cfg), "config.yaml"))
     summary = {"output_dir": kind.output_dir(cfg), "device": None, "phases": {}}
     records = {}
     for phase in active_phases(cfg):
@@ -216,17 +320,24 @@ def run_pipeline(cfg) -> dict:
         from_previous = phase_node(pcfg).INIT == "previous"
         if from_previous:
             pcfg = kind.with_weights(pcfg, os.path.join(kind.output_dir(pcfg), BRIDGED_FILE))
-        _check_same_config(kind, pcfg)
+        if comm.is_main_process():
+            _forget_attempt_without_checkpoint(Path(kind.output_dir(pcfg)), phase)
+        comm.synchronize()
+        if not from_previous:  # e.g. AlignDet converts a torchvision/MoCo backbone
+            pcfg = phase_kind(phase).prepare_weights(pcfg)
+        _check_same_config(kind, pcfg, fingerprints)
         record = _read_done(kind.output_dir(pcfg))
         if record is not None:
             logger.info(
-                "Phase %s already finished (%s); skipping it.", phase, kind.output_dir(pcfg)
+                "Phase %s: already finished in %s (box AP %s); skipping it.",
+                phase,
+                kind.output_dir(pcfg),
+                _bbox(record).get("AP", "-"),
             )
         else:
             if from_previous:
                 _bridge_into(kind, cfg, pcfg)
-            logger.info("Phase %s: output %s", phase, kind.output_dir(pcfg))
-            record = _run_phase(kind, pcfg)
+            record = _run_phase(kind, pcfg, fingerprints)
         final_model = record["final_model"]
         records[phase] = record
         summary["phases"][phase] = {
@@ -239,7 +350,12 @@ def run_pipeline(cfg) -> dict:
     summary["final_model"] = os.path.join(kind.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
-        atomic_torch_save({"model": load_model_state(final_model)}, summary["final_model"])
+        mean, std = kind.pixel_stats(cfg)
+        atomic_torch_save(
+            {"model": load_model_state(final_model), "pixel_mean": mean, "pixel_std": std},
+            summary["final_model"],
+        )
+        export_for_prediction(pcfg, kind.output_dir(cfg))
         atomic_write_json(os.path.join(kind.output_dir(cfg), SUMMARY_FILE), summary)
         _report(kind, kind.output_dir(cfg), pcfg, summary, records)
     comm.synchronize()
@@ -250,7 +366,7 @@ def _report(kind: ConfigKind, output_dir: str, pcfg, summary: dict, records: dic
     """Write the run's report; a failure is logged, never fatal (the results are saved)."""
     try:
         predict = None
-        if pcfg.DIRECT_PRETRAIN.PHASE != "BOX_DOMAIN":  # a detector, not a box-domain model
+        if phase_kind(pcfg.DIRECT_PRETRAIN.PHASE).evaluates:  # a detector
             predict = predictor(kind, pcfg, summary["final_model"])
         write_report(
             output_dir,
@@ -265,12 +381,45 @@ def _report(kind: ConfigKind, output_dir: str, pcfg, summary: dict, records: dic
 
 
 def evaluate_weights(cfg, weights: str) -> dict:
-    """Evaluate ``weights`` with the last active phase's test settings (``--eval-only``)."""
+    """Evaluate ``weights`` with the last active phase's test settings (``--eval-only``).
+
+    Needs only the test sets: dataset pixel statistics come from the weights file (a run's
+    ``model_final.pth``) or the ``phase_config.yaml`` beside it.
+    """
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights '{weights}' not found")
     kind = kind_of(cfg)
-    cfg, num_images = prepare_config(cfg)
+    cfg, num_images = prepare_config(cfg, eval_only=True)
+    if cfg.DIRECT_PRETRAIN.PIXEL_STATS == "dataset":
+        saved = saved_pixel_stats(weights)
+        if saved is None:
+            logger.info(
+                "%s carries no pixel statistics: computing them from the training set, as the "
+                "run did.",
+                weights,
+            )
+            cfg, num_images = prepare_config(cfg)
+        else:
+            logger.info("Pixel statistics saved with %s: mean %s, std %s", weights, *saved)
+            cfg = kind.with_pixel_stats(cfg, *saved)
     pcfg = kind.phase_config(cfg, active_phases(cfg)[-1], num_images)
     model = kind.build_model(pcfg)
     load_weights_strictly(model, weights)
     return kind.evaluate(pcfg, model)
+
+
+def saved_pixel_stats(weights: str) -> tuple[list[float], list[float]] | None:
+    """Pixel mean and std saved with a run's final model, or in the ``phase_config.yaml``
+    beside a phase's checkpoint; None if neither has them."""
+    ckpt = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
+    if isinstance(ckpt, dict) and "pixel_mean" in ckpt:
+        return list(ckpt["pixel_mean"]), list(ckpt["pixel_std"])
+    phase_file = Path(weights).parent / PHASE_CONFIG_FILE
+    if phase_file.is_file():
+        tree = yaml.safe_load(phase_file.read_text())
+        model = tree.get("MODEL") or tree.get("model") or {}
+        mean = model.get("PIXEL_MEAN", model.get("pixel_mean"))
+        std = model.get("PIXEL_STD", model.get("pixel_std"))
+        if mean and std:
+            return list(mean), list(std)
+    return None

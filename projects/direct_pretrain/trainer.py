@@ -21,24 +21,24 @@ from detectron2.data import (
     DatasetFromList,
     build_detection_test_loader,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, HookBase, hooks
-from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
-from .aligndet import EMAHook, TwoViewMapper, load_proposals
 from .checkpoint import SafeCheckpointer
+from .coco_evaluator import CheckedCOCOEvaluator
 from .data.datasets import cache_dir
-from .data.mapper import CheckedDatasetMapper
+from .data.mapper import CheckedDatasetMapper, WithoutSkipped
 from .data.resized_cache import maybe_resized
+from .modeling.norm_eval import BackboneNormEval
+from .phase_kinds import phase_kind
 from .phases import phase_node
+from .utils.dist import build_on_main
 from .utils.env import has_cpp_ops
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "PhaseTimer",
     "augmentation_specs",
     "build_train_augmentations",
-    "phase_writers",
     "record_evaluation",
     "training_dicts",
 ]
@@ -103,77 +102,53 @@ def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
     ]
 
 
-def phase_writers(output_dir: str, max_iter: int) -> list:
-    """Console and ``metrics.json`` writers, plus TensorBoard's if it is installed."""
-    writers = [CommonMetricPrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json"))]
-    try:
-        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
-    except ImportError:
-        return writers
-    from detectron2.utils.events import TensorboardXWriter
-
-    return [*writers, TensorboardXWriter(output_dir)]
-
-
-def is_box_domain(cfg: CfgNode) -> bool:
-    """Whether ``cfg`` is an AlignDet box-domain phase."""
-    return cfg.DIRECT_PRETRAIN.PHASE == "BOX_DOMAIN"
-
-
-def build_box_domain_loader(cfg: CfgNode):
-    """Two-view batches of the training images with their pseudo-boxes (labels unused)."""
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
-    proposals = load_proposals(dicts, cfg.ALIGNDET.PROPOSALS, cache_dir(cfg.DIRECT_PRETRAIN))
-    dicts = [d for d in dicts if len(proposals[d["file_name"]])]
-    if not dicts:
-        raise ValueError("no training image has a pseudo-box: check ALIGNDET.PROPOSALS")
-    mapper = TwoViewMapper.from_config(cfg, proposals)
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=DatasetFromList(dicts))
-
-
 def phase_training_dicts(cfg: CfgNode) -> list[dict]:
     """The training set of the phase: from the low-resolution cache if the phase uses one
     (built by the main process while the others wait)."""
     dicts = training_dicts(cfg)
     node, cache = phase_node(cfg), cache_dir(cfg.DIRECT_PRETRAIN)
-    if comm.is_main_process():
-        maybe_resized(dicts, node, cache, cfg.DATALOADER.NUM_WORKERS)
-    comm.synchronize()
-    return maybe_resized(dicts, node, cache)
-
-
-def training_dicts(cfg: CfgNode) -> list[dict]:
-    """The training set as Detectron2's default train loader reads it."""
-    return get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=(
-            cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
-        ),
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    skip_bad = cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip"
+    return build_on_main(
+        lambda: maybe_resized(dicts, node, cache, skip_bad, cfg.DATALOADER.NUM_WORKERS),
+        "the low-resolution cache",
     )
 
 
+def training_dicts(cfg: CfgNode) -> list[dict]:
+    """The training set as Detectron2's default train loader reads it (its ``from_config``)."""
+    return build_detection_train_loader.from_config(cfg, mapper=lambda d: d)["dataset"]
+
+
 class PhaseTimer(HookBase):
-    """Training wall-clock seconds of a phase, saved in checkpoints so resumes add up."""
+    """Training wall-clock seconds of a phase and CPU seconds of this process (all its
+    threads; data-loader workers not included), saved in checkpoints so resumes add up."""
 
     def __init__(self) -> None:
         self.seconds_before = 0.0
+        self.cpu_seconds_before = 0.0
         self._start = None
+        self._cpu_start = None
 
     def before_train(self) -> None:
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     @property
     def seconds(self) -> float:
         running = time.perf_counter() - self._start if self._start is not None else 0.0
         return self.seconds_before + running
 
+    @property
+    def cpu_seconds(self) -> float:
+        running = time.process_time() - self._cpu_start if self._cpu_start is not None else 0.0
+        return self.cpu_seconds_before + running
+
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds}
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds_before = float(state["seconds"])
+        self.cpu_seconds_before = float(state.get("cpu_seconds", 0.0))  # older checkpoints: none
 
 
 class DirectPretrainTrainer(DefaultTrainer):
@@ -188,8 +163,9 @@ class DirectPretrainTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        if is_box_domain(cfg):
-            return build_box_domain_loader(cfg)
+        loader = phase_kind(cfg.DIRECT_PRETRAIN.PHASE).build_train_loader(cfg)
+        if loader is not None:  # e.g. AlignDet's two-view box-domain loader
+            return loader
         dataset = DatasetFromList(phase_training_dicts(cfg), copy=False)
         mapper = CheckedDatasetMapper(
             cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
@@ -199,7 +175,7 @@ class DirectPretrainTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         mapper = CheckedDatasetMapper(cfg, is_train=False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        return WithoutSkipped(build_detection_test_loader(cfg, dataset_name, mapper=mapper))
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -222,8 +198,12 @@ class DirectPretrainTrainer(DefaultTrainer):
             + (("segm",) if cfg.MODEL.MASK_ON else ())
             + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
         )
-        return COCOEvaluator(
-            dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=has_cpp_ops()
+        return CheckedCOCOEvaluator(
+            dataset_name,
+            tasks=tasks,
+            output_dir=output_folder,
+            use_fast_impl=has_cpp_ops(),
+            skip_bad_images=cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip",
         )
 
     def build_hooks(self):
@@ -235,11 +215,19 @@ class DirectPretrainTrainer(DefaultTrainer):
         self.eval_results: dict = {}
         self.eval_history: list[dict] = []
         self.eval_seconds = 0.0
+        self.eval_cpu_seconds = 0.0
         default = super().build_hooks()
-        if is_box_domain(self.cfg):  # nothing to evaluate without a classifier
+        if not comm.is_main_process():  # SafeCheckpointer.save is collective: see there
+            at = next(i for i, h in enumerate(default) if isinstance(h, hooks.EvalHook))
+            checkpoint_period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+            default.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, checkpoint_period))
+        kind = phase_kind(self.cfg.DIRECT_PRETRAIN.PHASE)
+        extra = kind.hooks(self.cfg)
+        if phase_node(self.cfg).BACKBONE_NORM_EVAL:
+            extra.append(BackboneNormEval())
+        if not kind.evaluates:  # e.g. AlignDet's box-domain model has no classifier
             default = [h for h in default if not isinstance(h, hooks.EvalHook)]
-            return [self.timer, EMAHook(self.cfg.ALIGNDET.MOMENTUM), *default]
-        return [self.timer] + [
+        return [self.timer, *extra] + [
             (
                 hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
                 if isinstance(h, hooks.EvalHook)
@@ -249,14 +237,12 @@ class DirectPretrainTrainer(DefaultTrainer):
         ]
 
     def _evaluate(self) -> dict:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.eval_results = self.test(self.cfg, self.model)
         self.eval_seconds += time.perf_counter() - start
+        self.eval_cpu_seconds += time.process_time() - cpu_start
         record_evaluation(self)
         return self.eval_results
-
-    def build_writers(self):
-        return phase_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
 
 def record_evaluation(trainer) -> None:
@@ -266,6 +252,7 @@ def record_evaluation(trainer) -> None:
         {
             "iteration": min(trainer.iter + 1, trainer.max_iter),  # iterations done
             "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
+            "train_cpu_seconds": round(trainer.timer.cpu_seconds - trainer.eval_cpu_seconds, 1),
             **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
         }
     )
