@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -503,6 +504,9 @@ def _proposal_worker(dicts: list[dict], node, folder: str, fail_on_main: bool) -
         outcome = {"error": f"{type(e).__name__}: {e}"}
     Path(f"{folder}/outcome_rank{rank}.json").write_text(json.dumps(outcome))
     dist.destroy_process_group()
+    # No Python finalisation: gloo threads still referenced then can abort the process (seen
+    # on a loaded machine, after the outcome was written).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("fail_on_main", [False, True])
