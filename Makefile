@@ -23,6 +23,8 @@ $(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
 
 demo: setup
 	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	# predict.py on one whole 2299x2472 orthophoto (tiled); its AP goes into the report.
+	$(PY) tools/whole_image_demo.py --run $(DEMO_OUTPUT)
 
 test: setup
 	$(PY) -m pytest -q tests

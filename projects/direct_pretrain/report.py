@@ -15,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
+from .data.images import read_image_checked  # noqa: E402
 from .utils.io import atomic_write_text  # noqa: E402
 
 __all__ = ["ap_table", "plot_ap_vs_time", "plot_losses", "draw_examples", "write_report"]
@@ -72,19 +72,29 @@ def plot_losses(output_dir: Path, phases: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def ap_vs_time(records: dict[str, dict]) -> dict[str, list[tuple[float, float]]]:
+def ap_vs_time(
+    records: dict[str, dict], clock: str = "wall"
+) -> dict[str, list[tuple[float, float]]]:
     """Per phase, (pipeline training seconds, box AP) of each evaluation; phases follow each
-    other, so a phase's times are offset by the phases before it."""
+    other, so a phase's times are offset by the phases before it. ``clock``: "wall" (seconds)
+    or "cpu" (CPU seconds of the training process), evaluation excluded either way."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"ap_vs_time: clock = {clock!r} is not 'wall' or 'cpu'")
+    seen, total, evals = (
+        ("train_seconds", "wall_seconds", "eval_seconds")
+        if clock == "wall"
+        else ("train_cpu_seconds", "cpu_seconds", "eval_cpu_seconds")
+    )
     curves, offset = {}, 0.0
     for phase, rec in records.items():
         points = [
-            (offset + e["train_seconds"], e["AP"])
+            (offset + e[seen], e["AP"])
             for e in rec.get("eval_history", [])
             if isinstance(e.get("AP"), (int, float))
         ]
         if points:
             curves[phase] = points
-        offset += rec["wall_seconds"] - rec["eval_seconds"]
+        offset += rec[total] - rec[evals]
     return curves
 
 
@@ -120,8 +130,8 @@ def draw_examples(
     labelled = [r for r in records if r.get("annotations")]  # show objects if there are any
     paths = []
     for record in (labelled or records)[:count]:
-        image = read_image(record["file_name"], format="RGB")
-        instances = predict(read_image(record["file_name"], format=image_format))
+        image = read_image_checked(record["file_name"], "RGB")
+        instances = predict(read_image_checked(record["file_name"], image_format))
         keep = instances.scores >= score_thresh
         scale = max(1.0, DRAW_SIZE / max(image.shape[:2]))  # small tiles: draw larger
         vis = Visualizer(image, metadata=metadata, scale=scale)

@@ -32,7 +32,14 @@ from PIL import Image
 
 from ..utils.io import atomic_write_text
 
-__all__ = ["SOURCES", "TreeTile", "build_neon_trees", "deepforest_data_dir", "tile_origins"]
+__all__ = [
+    "SOURCES",
+    "TreeTile",
+    "build_neon_trees",
+    "deepforest_data_dir",
+    "source_coco",
+    "tile_origins",
+]
 
 SOURCES = (
     "OSBS_029",
@@ -163,6 +170,36 @@ def tile_annotations(boxes: np.ndarray, tile: TreeTile) -> list[dict]:
             }
         )
     return anns
+
+
+def source_coco(stem: str, data_dir: Path | None = None) -> tuple[Path, dict]:
+    """A source image's path and all its crowns, un-tiled, as a one-image COCO dict."""
+    data_dir = Path(data_dir) if data_dir else deepforest_data_dir()
+    path = data_dir / f"{stem}.png"
+    if stem not in SOURCES or not path.is_file():
+        raise FileNotFoundError(f"embedded dataset: no source image '{stem}' ({path})")
+    with Image.open(path) as image:
+        width, height = image.size
+    boxes = read_voc_boxes(data_dir / f"{stem}.xml")
+    boxes = np.clip(boxes, 0, [width, height, width, height])  # as tiles clip them
+    annotations = []
+    for x0, y0, x1, y1 in boxes.tolist():
+        if x1 > x0 and y1 > y0:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": 1,
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "area": round((x1 - x0) * (y1 - y0), 2),
+                    "iscrowd": 0,
+                    "category_id": CATEGORY["id"],
+                }
+            )
+    return path, {
+        "images": [{"id": 1, "file_name": path.name, "width": width, "height": height}],
+        "annotations": annotations,
+        "categories": [CATEGORY],
+    }
 
 
 def _source_digest(data_dir: Path, tile: int, val_every: int) -> str:

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Predict with a trained model on image files, folders and globs; large images are tiled.
+
+Takes a finished run folder (--run OUTPUT_DIR of train_net.py) or a config file with weights,
+and writes COCO results JSON, a CSV with one box per row and images with the detections drawn.
+An image larger than the tile size (default: the last phase's test size) is predicted on
+overlapping tiles whose boxes are mapped back and merged. Unreadable files are reported by
+name and skipped.
+
+Examples:
+    python predict.py --run output/demo --input photos/ --output output/demo/predictions
+    python predict.py --run output/demo --input "ortho/*.tif" --output preds \
+        --tile-overlap 96 --confidence-threshold 0.3 --opts MODEL.DEVICE cpu
+    python predict.py --config-file output/demo/config_predict.yaml --input a.png \
+        --output preds --opts MODEL.WEIGHTS output/demo/model_final.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+# Known, harmless deprecation noise from detectron2 v0.6 on recent torch.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from direct_pretrain.predict import (  # noqa: E402
+    OUTPUTS,
+    PredictionWriter,
+    Predictor,
+    class_info,
+    inference_size,
+    list_images,
+    load_predict_config,
+    load_run,
+    overlap_pixels,
+    predict_images,
+)
+from direct_pretrain.utils.io import atomic_write_json, ensure_writable_dir  # noqa: E402
+from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
+
+SUMMARY_FILE = "summary.json"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", metavar="OUTPUT_DIR", help="a finished run folder of train_net.py")
+    model.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="a config (a run's config_predict.yaml or phase_config.yaml, a training config, "
+        "or a plain Detectron2 config); weights from MODEL.WEIGHTS",
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders and glob patterns"
+    )
+    parser.add_argument("--output", required=True, help="folder for the outputs and log.txt")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of the detections written (default: 0.5)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="tile side in pixels for images larger than it (default: the model's test size "
+        "MIN_SIZE_TEST; 0: predict whole images at the model's test resize)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        help="overlap of neighbouring tiles: below 1 a fraction of the tile size, else pixels "
+        "(default: 0.25); make it at least as large as the objects",
+    )
+    parser.add_argument(
+        "--nms-threshold",
+        type=float,
+        default=0.5,
+        help="IoU of the class-wise NMS that merges detections across tiles (default: 0.5)",
+    )
+    parser.add_argument(
+        "--save",
+        nargs="+",
+        choices=OUTPUTS,
+        default=list(OUTPUTS),
+        help="outputs to write (default: all)",
+    )
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides at the end: KEY VALUE pairs (LazyConfig runs: a.b=c)",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    ensure_writable_dir(args.output, "--output")
+    setup_logger(args.output, name="detectron2")
+    logger = setup_project_logger(args.output)
+    Image.MAX_IMAGE_PIXELS = None  # large orthophotos are what tiling is for
+    files = list_images(args.input)
+    if args.run:
+        cfg, folder = load_run(args.run, args.opts), args.run
+    else:
+        cfg = load_predict_config(args.config_file, opts=args.opts)
+        folder = os.path.dirname(os.path.abspath(args.config_file))
+    min_size, max_size = inference_size(cfg)
+    tile = args.tile_size if args.tile_size is not None else max(min_size, 0)
+    overlap = overlap_pixels(tile, args.tile_overlap) if tile > 0 else 0
+    predictor = Predictor(cfg)
+    logger.info(
+        "Predicting on %d image file(s) with %s; test size %d (max %d); %s",
+        len(files),
+        cfg.MODEL.WEIGHTS if hasattr(cfg, "MODEL") else cfg.train.init_checkpoint,
+        min_size,
+        max_size,
+        f"tiles {tile} px, overlap {overlap} px" if tile > 0 else "no tiling",
+    )
+    writer = PredictionWriter(
+        args.output,
+        class_info(cfg, folder),
+        tuple(args.save),
+        os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]),
+    )
+    summary = predict_images(
+        predictor,
+        files,
+        writer,
+        tile,
+        overlap,
+        nms_thresh=args.nms_threshold,
+        score_thresh=args.confidence_threshold,
+    )
+    atomic_write_json(os.path.join(args.output, SUMMARY_FILE), summary)
+    logger.info("Outputs in %s: %s", args.output, json.dumps(sorted(args.save)))
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,38 @@
+"""Prediction with a finished run: loading it, tiled prediction on large images, outputs.
+
+``load_run(run_dir)`` returns the config of a run's final model (``DefaultPredictor`` takes
+it); ``predict.py`` at the repository root runs it on image files, folders and globs.
+"""
+
+from .evaluate import coco_box_ap
+from .images import list_images, predict_images
+from .run import (
+    ClassInfo,
+    Predictor,
+    class_info,
+    export_for_prediction,
+    inference_size,
+    load_predict_config,
+    load_run,
+)
+from .tiling import merge_tile_predictions, overlap_pixels, predict_tiled, tile_windows
+from .writers import OUTPUTS, PredictionWriter
+
+__all__ = [
+    "OUTPUTS",
+    "ClassInfo",
+    "PredictionWriter",
+    "Predictor",
+    "class_info",
+    "coco_box_ap",
+    "export_for_prediction",
+    "inference_size",
+    "list_images",
+    "load_predict_config",
+    "load_run",
+    "merge_tile_predictions",
+    "overlap_pixels",
+    "predict_images",
+    "predict_tiled",
+    "tile_windows",
+]
