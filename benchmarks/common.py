@@ -6,6 +6,10 @@ import json
 import os
 import platform
 import resource
+import statistics
+import subprocess
+import sys
+import time
 import warnings
 from datetime import date
 from pathlib import Path
@@ -18,12 +22,14 @@ import torch  # noqa: E402
 from direct_pretrain.config import load_config  # noqa: E402
 from direct_pretrain.phases import phase_config  # noqa: E402
 from direct_pretrain.pipeline import prepare_config  # noqa: E402
+from direct_pretrain.report import ap_vs_time  # noqa: E402
 
 DEMO_CONFIG = "configs/trees/faster_rcnn_R_18_FPN_direct.yaml"
 
 
-def machine() -> str:
-    """One line describing where a benchmark ran."""
+def machine(threads: int | None = None) -> str:
+    """One line describing where a benchmark ran (``threads``: those of the measured
+    processes, if not this one's)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -33,7 +39,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {date.today().isoformat()}"
+        f"{threads or torch.get_num_threads()} threads; {date.today().isoformat()}"
     )
 
 
@@ -69,3 +75,52 @@ def save_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=1))
+
+
+def run_training(
+    config: str, folder: Path, opts: list[str], env: dict[str, str] | None = None
+) -> None:
+    """Run train_net.py on ``config`` into ``folder`` (skipped if finished: a rerun continues
+    an interrupted run), its output appended to ``folder/stdout.log``; ``env`` is added to
+    this process's environment."""
+    if (folder / "summary.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "train_net.py", "--config-file", config, "OUTPUT_DIR", str(folder)]
+    cmd += opts
+    print(" ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(folder / "stdout.log", "a") as log:
+        subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, **(env or {})}
+        )
+    print(f"  done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+def collect_run(folder: Path, clock: str = "wall") -> dict:
+    """Final box AP and AP50 of a finished train_net.py run, its training seconds
+    (evaluation excluded; with ``clock`` "cpu" also its CPU seconds) and its AP-vs-time
+    curves on that clock (:func:`direct_pretrain.report.ap_vs_time`)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    records = {
+        p: json.loads((folder / p.lower() / "phase_done.json").read_text())
+        for p in summary["phases"]
+    }
+    last = list(summary["phases"].values())[-1]
+    result = {
+        "AP": last["AP"],
+        "AP50": last["AP50"],
+        "train_seconds": sum(r["wall_seconds"] - r["eval_seconds"] for r in records.values()),
+        "curves": ap_vs_time(records, clock),
+    }
+    if clock == "cpu":
+        result["train_cpu_seconds"] = sum(
+            r["cpu_seconds"] - r["eval_cpu_seconds"] for r in records.values()
+        )
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean +- standard deviation`` to one decimal (``+- 0.0`` for one value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} +- {spread:.1f}"

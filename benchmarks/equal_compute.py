@@ -11,16 +11,9 @@ time. Finished runs are kept: rerunning the command continues the study.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from direct_pretrain.report import ap_vs_time
-
-from common import machine, save_json, table
+from common import collect_run, machine, mean_std, run_training, save_json, table
 
 # method -> its config; the configs' phase lengths give each about 10 minutes on 2 CPU cores.
 METHODS = {
@@ -41,47 +34,8 @@ COLORS = {"scratch": "tab:gray", "direct": "tab:blue", "aligndet": "tab:orange"}
 def run(method: str, seed: int, out: Path) -> Path:
     """Train one method with one seed (skipped if finished); return its output folder."""
     folder = out / method / f"seed{seed}"
-    if (folder / "summary.json").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "train_net.py",
-        "--config-file",
-        METHODS[method],
-        "OUTPUT_DIR",
-        str(folder),
-        "SEED",
-        str(seed),
-        *EVALS,
-    ]
-    print(f"{method} seed {seed}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    with open(folder / "stdout.log", "a") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"  done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    run_training(METHODS[method], folder, ["SEED", str(seed), *EVALS])
     return folder
-
-
-def collect(folder: Path) -> dict:
-    summary = json.loads((folder / "summary.json").read_text())
-    records = {
-        p: json.loads((folder / p.lower() / "phase_done.json").read_text())
-        for p in summary["phases"]
-    }
-    last = list(summary["phases"].values())[-1]
-    train = sum(r["wall_seconds"] - r["eval_seconds"] for r in records.values())
-    return {
-        "AP": last["AP"],
-        "AP50": last["AP50"],
-        "train_seconds": train,
-        "curves": ap_vs_time(records),
-    }
-
-
-def _mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} +- {spread:.1f}"
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
@@ -123,14 +77,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("output/bench/equal_compute"))
     args = parser.parse_args()
 
-    results = {m: [collect(run(m, s, args.out)) for s in args.seeds] for m in args.methods}
+    results = {m: [collect_run(run(m, s, args.out)) for s in args.seeds] for m in args.methods}
     rows = [
         [
             m,
             len(r),
-            _mean_std([x["AP"] for x in r]),
-            _mean_std([x["AP50"] for x in r]),
-            _mean_std([x["train_seconds"] / 60 for x in r]),
+            mean_std([x["AP"] for x in r]),
+            mean_std([x["AP50"] for x in r]),
+            mean_std([x["train_seconds"] / 60 for x in r]),
         ]
         for m, r in results.items()
     ]

@@ -11,7 +11,7 @@ import torch
 
 from direct_pretrain.pipeline import run_pipeline
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, tiny_cfg, write_config
 
 BENCH = ROOT / "benchmarks"
 
@@ -28,7 +28,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_phase_cost_and_data_loading(synthetic_data, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(tiny_cfg(synthetic_data, tmp_path / "out").dump())
+    write_config(tiny_cfg(synthetic_data, tmp_path / "out"), config)
     cost = _script(
         "phase_cost.py",
         "--config-file",
@@ -70,14 +70,93 @@ def test_memory_planner_says_it_needs_a_gpu():
     assert planner.returncode == 1 and "needs a GPU" in planner.stderr
 
 
-def test_equal_compute_collects_and_plots(synthetic_data, tmp_path, monkeypatch):
+def _study(monkeypatch, name: str):
+    """A benchmark script imported as a module (``common`` importable, as when run)."""
     monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("equal_compute", BENCH / "equal_compute.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_equal_compute_collects_and_plots(synthetic_data, tmp_path, monkeypatch):
+    study = _study(monkeypatch, "equal_compute")
     run_pipeline(tiny_cfg(synthetic_data, tmp_path / "direct" / "seed0"))
-    result = study.collect(tmp_path / "direct" / "seed0")
-    assert {"AP", "AP50", "train_seconds", "curves"} <= result.keys()
-    assert set(result["curves"]) == {"PRETRAIN", "FINETUNE"}
-    study.plot({"direct": [result]}, tmp_path / "plot.png")
+    wall = study.collect_run(tmp_path / "direct" / "seed0")
+    assert {"AP", "AP50", "train_seconds", "curves"} <= wall.keys()
+    cpu = study.collect_run(tmp_path / "direct" / "seed0", clock="cpu")
+    assert cpu["train_cpu_seconds"] > 0
+    # The final evaluation is at the end of training on either clock (evaluation excluded).
+    for result, total in ((wall, "train_seconds"), (cpu, "train_cpu_seconds")):
+        assert set(result["curves"]) == {"PRETRAIN", "FINETUNE"}
+        assert 0 < result["curves"]["FINETUNE"][-1][0] <= result[total] + 0.5
+    study.plot({"direct": [wall]}, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_budget_study_scales_every_phase(synthetic_data, tmp_path, monkeypatch):
+    study = _study(monkeypatch, "budget_study")
+    # The demo's schedule (24 pre-train epochs at batch 8; 4 fine-tune epochs at batch 4, LR
+    # drop at epoch 3) on the 8 synthetic training images.
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"_BASE_: {json.dumps(str(ROOT / 'configs/trees/faster_rcnn_R_18_FPN_direct.yaml'))}\n"
+        f"DATASETS: {{TRAIN: [tiny_train], TEST: [tiny_val]}}\n"
+        "DIRECT_PRETRAIN:\n  PIXEL_STATS: config\n"
+        f"  CACHE_DIR: {json.dumps(str(tmp_path / 'cache'))}\n"
+        f"  REGISTER_COCO: {json.dumps([[f'tiny_{k}', *v] for k, v in synthetic_data.items()])}\n"
+    )
+    opts = study.scaled_opts(str(config), 2)
+    assert dict(zip(opts[::2], opts[1::2])) == {
+        "DIRECT_PRETRAIN.PRETRAIN.EPOCHS": "48.0",
+        "DIRECT_PRETRAIN.PRETRAIN.STEP_EPOCHS": "()",
+        "DIRECT_PRETRAIN.PRETRAIN.EVAL_PERIOD": "5",  # 48 iterations
+        "DIRECT_PRETRAIN.FINETUNE.EPOCHS": "8.0",
+        "DIRECT_PRETRAIN.FINETUNE.STEP_EPOCHS": "(6.0,)",
+        "DIRECT_PRETRAIN.FINETUNE.EVAL_PERIOD": "2",  # 16 iterations
+    }
+
+
+def test_budget_study_time_to_ap_and_crossings(monkeypatch):
+    study = _study(monkeypatch, "budget_study")
+    curve = [(60.0, 2.0), (120.0, 6.0), (180.0, 10.0)]
+    assert study.time_to_ap(curve, 8.0) == 150.0
+    assert study.time_to_ap(curve, 1.0) == 60.0  # already above at the first evaluation
+    assert study.time_to_ap(curve, 10.5) is None
+    rising, flat = [(0.0, 0.0), (10.0, 10.0)], [(0.0, 5.0), (4.0, 5.0), (20.0, 5.0)]
+    assert study.crossings(rising, flat) == [5.0]
+    assert study.crossings(flat, [(0.0, 1.0), (20.0, 2.0)]) == []
+    scratch, direct = [(0.0, 0.0), (600.0, 10.0)], [(0.0, 5.0), (900.0, 5.0)]
+    assert study.compare(scratch, direct) == (
+        "from 0.0 to 10.0 CPU min: direct ahead by 5.0 AP at the start, cross at 5.0; "
+        "scratch ahead by 5.0 AP at the end"
+    )
+
+
+def test_budget_study_tables(monkeypatch):
+    study = _study(monkeypatch, "budget_study")
+
+    def run(ap: float, seconds: float, curve: tuple = ()) -> dict:
+        return {
+            "AP": ap,
+            "AP50": 3 * ap,
+            "train_seconds": seconds,
+            "train_cpu_seconds": seconds,
+            "curves": {"FINETUNE": list(curve)},
+            "resumed": False,
+        }
+
+    results = dict.fromkeys(study.planned())
+    results["scratch", 1, 0] = run(10.0, 600.0)
+    results["scratch", 1, 1] = run(12.0, 660.0)
+    results["scratch", 2, 0] = run(15.0, 1200.0)
+    results["direct", 1, 0] = run(14.0, 600.0, ((300.0, 8.0), (600.0, 14.0)))
+    rows = {(r[0], r[1]): r for r in study.final_rows(results)}
+    assert rows["scratch", "1x"][2:] == ["2/2", "11.0 +- 1.0", "33.0 +- 3.0"] + ["10.5 +- 0.5"] * 2
+    assert rows["direct", "1x"][2:4] == ["1/2", "14.0"]
+    assert rows["direct", "4x"][2:4] == ["0/1", "pending"]
+    # Direct 1x reaches scratch 1x's 11.0 AP at 450 s, 0.71x scratch's 630 s; never 15.0.
+    ttap = {r[0]: r for r in study.time_to_ap_rows(results)}
+    assert set(ttap) == {"1x", "2x"}
+    assert ttap["1x"][1:] == ["11.0", "10.5", "7.5 (0.71x)", "pending", "pending", "0.71x"]
+    assert ttap["2x"][3:] == ["not reached (0/1 seeds)", "pending", "pending", "-"]

@@ -15,12 +15,11 @@ import yaml
 
 from direct_pretrain import get_cfg
 from direct_pretrain.config import load_config
-from direct_pretrain.kinds import kind_of
 from direct_pretrain.lazy import lazy_phase_config
 from direct_pretrain.phases import PhaseConfigError
 from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, tiny_cfg, write_config
 
 DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml")
 LAZY_DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
@@ -171,8 +170,7 @@ def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_dat
         ["forgotten_train", *synthetic_data["train"]],
     ]
     cfg.MODEL.DEVICE = "cuda"
-    config = tmp_path / "tiny.yaml"  # written as a run's config.yaml is: reusable as it is
-    kind_of(cfg).save_pipeline(cfg, str(config))
+    config = write_config(cfg, tmp_path / "tiny.yaml")  # as a run's config.yaml: reusable
 
     def run() -> str:
         proc = subprocess.run(
