@@ -29,6 +29,7 @@ __all__ = [
     "check_lazy_node",
     "get_cfg",
     "load_config",
+    "lookup",
     "model_zoo_path",
     "user_keys",
 ]
@@ -190,7 +191,7 @@ class CfgNode(_D2CfgNode):
         """yacs' merge of ``KEY VALUE`` pairs, also accepting an integer for a float key."""
         pairs = list(cfg_list)
         for i in range(0, len(pairs) - 1, 2):
-            current = _lookup(self, pairs[i])
+            current = lookup(self, pairs[i])
             value = self._decode_cfg_value(pairs[i + 1])
             if isinstance(current, float) and _is_int(value):
                 pairs[i + 1] = repr(float(value))
@@ -201,7 +202,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _lookup(node, dotted: str):
+def lookup(node, dotted: str):
+    """The value at a dotted key of a config tree, or None if a step is missing."""
     for key in dotted.split("."):
         if not isinstance(node, dict) or key not in node:
             return None
@@ -276,7 +278,7 @@ def user_keys(path: str, opts: Sequence[str] = ()) -> dict[str, str]:
     _file_keys(path, keys, baseline)
     merged = get_cfg()
     merged.merge_from_file(path)
-    keys = {k: where for k, where in keys.items() if _lookup(merged, k) != _lookup(baseline, k)}
+    keys = {k: where for k, where in keys.items() if lookup(merged, k) != lookup(baseline, k)}
     keys.update({key: "the command line" for key in list(opts)[0::2]})
     return keys
 

@@ -13,6 +13,7 @@ import yaml
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from omegaconf import DictConfig
 
+from .config import lookup
 from .lazy import LazyPhaseTrainer, lazy_evaluate, lazy_phase_config, lazy_to_flat_dict
 from .phases import PHASE_CONTROLLED_KEYS, phase_config
 from .trainer import DirectPretrainTrainer, training_dicts
@@ -80,7 +81,7 @@ class YacsKind(ConfigKind):
     def num_classes(self, cfg):
         arch = cfg.MODEL.META_ARCHITECTURE.replace("AlignDet", "")
         key = _NUM_CLASSES_KEYS.get(arch)
-        return {} if key is None else {key: _lookup(cfg, key)}
+        return {} if key is None else {key: lookup(cfg, key)}
 
     def pixel_stats(self, cfg):
         return list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
@@ -233,12 +234,6 @@ _NUM_CLASSES_KEYS = {
     "FCOSDetector": "MODEL.FCOS.NUM_CLASSES",
     "FCOS": "MODEL.FCOS.NUM_CLASSES",
 }
-
-
-def _lookup(cfg: CfgNode, dotted: str):
-    for key in dotted.split("."):
-        cfg = cfg[key]
-    return cfg
 
 
 def _yacs_with(cfg: CfgNode, change) -> CfgNode:
