@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.phases import phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer, build_train_augmentations
+from direct_pretrain.trainer import DirectPretrainTrainer, PhaseTimer, build_train_augmentations
 
 from conftest import tiny_cfg
 
@@ -103,3 +105,27 @@ def test_resized_cache_gives_the_same_training_sizes(synthetic_data, tmp_path):
     assert (tmp_path / "cache" / "resized").stat().st_mtime_ns == stamp
     node.RESIZED_CACHE = False
     assert maybe_resized(dicts, node, tmp_path / "cache") is dicts
+
+
+def test_resumed_timer_keeps_evaluations_apart():
+    """A phase resumed from a checkpoint keeps its evaluation history and does not count the
+    evaluations before the resume as training time."""
+
+    def slow_evaluation() -> dict:
+        time.sleep(0.3)
+        return {"bbox": {"AP": 1.0, "AP50": 2.0}}
+
+    first = PhaseTimer()
+    first.before_train()
+    first.evaluate(slow_evaluation, iteration=10)
+    resumed = PhaseTimer()
+    resumed.load_state_dict(first.state_dict())  # as a checkpoint carries it
+    resumed.before_train()
+    resumed.evaluate(slow_evaluation, iteration=20)
+
+    assert [h["iteration"] for h in resumed.history] == [10, 20]
+    assert resumed.history[0]["AP"] == 1.0 and resumed.history[1]["AP50"] == 2.0
+    assert resumed.eval_seconds >= 0.6
+    # Nothing but evaluations ran: the training time is (close to) nothing, not 0.3 s.
+    assert resumed.seconds >= 0.6
+    assert resumed.history[-1]["train_seconds"] < 0.2

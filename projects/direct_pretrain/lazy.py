@@ -13,8 +13,8 @@ import copy
 import inspect
 import logging
 import os
-import time
 import weakref
+from functools import partial
 
 import torch
 import yaml
@@ -42,7 +42,6 @@ from .trainer import (
     NO_DECAY_PARAMS,
     PhaseTimer,
     augmentation_specs,
-    record_evaluation,
 )
 from .utils.dist import build_on_main
 from .utils.env import has_cpp_ops
@@ -259,7 +258,7 @@ class LazyPhaseTrainer:
 
     Exposes what the pipeline reads from :class:`~direct_pretrain.trainer.DirectPretrainTrainer`:
     ``resume_or_load``, ``train``, ``start_iter``, ``max_iter``, ``iter``, ``checkpointer``,
-    ``timer``, ``eval_results``, ``eval_history``, ``eval_seconds`` and ``eval_cpu_seconds``.
+    ``timer`` and ``eval_results``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -277,9 +276,6 @@ class LazyPhaseTrainer:
         )
         self.timer = PhaseTimer()
         self.eval_results: dict = {}
-        self.eval_history: list[dict] = []
-        self.eval_seconds = 0.0
-        self.eval_cpu_seconds = 0.0
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         main = comm.is_main_process()
@@ -336,11 +332,8 @@ class LazyPhaseTrainer:
         self.trainer.train(self.start_iter, self.max_iter)
 
     def _evaluate(self) -> dict:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        self.eval_results = lazy_evaluate(self.cfg, self.trainer.model)
-        self.eval_seconds += time.perf_counter() - start
-        self.eval_cpu_seconds += time.process_time() - cpu_start
-        record_evaluation(self)
+        run = partial(lazy_evaluate, self.cfg, self.trainer.model)
+        self.eval_results = self.timer.evaluate(run, min(self.iter + 1, self.max_iter))
         return self.eval_results
 
 

@@ -281,11 +281,11 @@ def _run_phase(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
         "iterations": trainer.max_iter,
         "ims_per_batch": phase_node(pcfg).IMS_PER_BATCH,
         "results": trainer.eval_results,
-        "eval_history": trainer.eval_history,
+        "eval_history": trainer.timer.history,
         "wall_seconds": round(trainer.timer.seconds, 1),
-        "eval_seconds": round(trainer.eval_seconds, 1),
+        "eval_seconds": round(trainer.timer.eval_seconds, 1),
         "cpu_seconds": round(trainer.timer.cpu_seconds, 1),
-        "eval_cpu_seconds": round(trainer.eval_cpu_seconds, 1),
+        "eval_cpu_seconds": round(trainer.timer.eval_cpu_seconds, 1),
         "final_model": str(out / "model_final.pth"),
     }
     if comm.is_main_process():

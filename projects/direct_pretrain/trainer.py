@@ -14,6 +14,8 @@ import os
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from detectron2.config import CfgNode
@@ -46,7 +48,6 @@ __all__ = [
     "PhaseTimer",
     "augmentation_specs",
     "build_train_augmentations",
-    "record_evaluation",
     "training_dicts",
 ]
 
@@ -120,12 +121,17 @@ def training_dicts(cfg: CfgNode) -> list[dict]:
 
 
 class PhaseTimer(HookBase):
-    """Training wall-clock seconds of a phase and CPU seconds of this process (all its
-    threads; data-loader workers not included), saved in checkpoints so resumes add up."""
+    """A phase's wall-clock and CPU seconds (this process, all its threads; data-loader
+    workers not included) and its evaluations along the way: their results, iteration and
+    the training time before them, their own time kept apart. Saved in checkpoints, so a
+    resumed phase adds up (its training time excludes the evaluations before the resume)."""
 
     def __init__(self) -> None:
         self.seconds_before = 0.0
         self.cpu_seconds_before = 0.0
+        self.eval_seconds = 0.0
+        self.eval_cpu_seconds = 0.0
+        self.history: list[dict] = []
         self._start = None
         self._cpu_start = None
 
@@ -143,12 +149,40 @@ class PhaseTimer(HookBase):
         running = time.process_time() - self._cpu_start if self._cpu_start is not None else 0.0
         return self.cpu_seconds_before + running
 
+    def evaluate(self, run: Callable[[], dict], iteration: int) -> dict:
+        """``run()``'s results, timed apart from training and appended (box AP, AP50) to
+        ``history`` with the ``iteration``s done and the training time so far."""
+        start, cpu_start = time.perf_counter(), time.process_time()
+        results = run()
+        self.eval_seconds += time.perf_counter() - start
+        self.eval_cpu_seconds += time.process_time() - cpu_start
+        bbox = results.get("bbox", {})
+        self.history.append(
+            {
+                "iteration": iteration,
+                "train_seconds": round(self.seconds - self.eval_seconds, 1),
+                "train_cpu_seconds": round(self.cpu_seconds - self.eval_cpu_seconds, 1),
+                **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
+            }
+        )
+        return results
+
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds}
+        return {
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "eval_seconds": self.eval_seconds,
+            "eval_cpu_seconds": self.eval_cpu_seconds,
+            "history": self.history,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.seconds_before = float(state["seconds"])
-        self.cpu_seconds_before = float(state.get("cpu_seconds", 0.0))  # older checkpoints: none
+        # Older checkpoints have no CPU time nor evaluations.
+        self.cpu_seconds_before = float(state.get("cpu_seconds", 0.0))
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.eval_cpu_seconds = float(state.get("eval_cpu_seconds", 0.0))
+        self.history = list(state.get("history", []))
 
 
 class DirectPretrainTrainer(DefaultTrainer):
@@ -213,9 +247,6 @@ class DirectPretrainTrainer(DefaultTrainer):
         )
         self.timer = PhaseTimer()
         self.eval_results: dict = {}
-        self.eval_history: list[dict] = []
-        self.eval_seconds = 0.0
-        self.eval_cpu_seconds = 0.0
         default = super().build_hooks()
         if not comm.is_main_process():  # SafeCheckpointer.save is collective: see there
             at = next(i for i, h in enumerate(default) if isinstance(h, hooks.EvalHook))
@@ -237,25 +268,9 @@ class DirectPretrainTrainer(DefaultTrainer):
         ]
 
     def _evaluate(self) -> dict:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        self.eval_results = self.test(self.cfg, self.model)
-        self.eval_seconds += time.perf_counter() - start
-        self.eval_cpu_seconds += time.process_time() - cpu_start
-        record_evaluation(self)
+        run = partial(self.test, self.cfg, self.model)
+        self.eval_results = self.timer.evaluate(run, min(self.iter + 1, self.max_iter))
         return self.eval_results
-
-
-def record_evaluation(trainer) -> None:
-    """Append the latest box AP, with the phase's training time so far, to ``eval_history``."""
-    bbox = trainer.eval_results.get("bbox", {})
-    trainer.eval_history.append(
-        {
-            "iteration": min(trainer.iter + 1, trainer.max_iter),  # iterations done
-            "train_seconds": round(trainer.timer.seconds - trainer.eval_seconds, 1),
-            "train_cpu_seconds": round(trainer.timer.cpu_seconds - trainer.eval_cpu_seconds, 1),
-            **{k: bbox[k] for k in ("AP", "AP50") if k in bbox},
-        }
-    )
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
