@@ -27,6 +27,7 @@ from direct_pretrain import get_cfg
 from direct_pretrain.aligndet import (
     TwoViewMapper,
     box_contrastive_loss,
+    chance_contrastive_loss,
     ema_momentum,
     transfer_drop,
 )
@@ -102,6 +103,18 @@ def test_box_contrastive_loss_matches_the_public_definition():
     alone = box_contrastive_loss(online[:2], torch.tensor([0, 0]), target[:0], target_ids[:0], 0.5)
     (g,) = torch.autograd.grad(alone, online)
     assert torch.isfinite(g).all()
+
+
+def test_chance_level_is_the_loss_of_embeddings_that_tell_nothing_apart():
+    online_ids = torch.tensor([0, 0, 1, 2, 2, -1, 1, 0, -1])
+    target_ids = torch.tensor([1, 0, -1, 1, 0, 0, 3])
+    same = torch.ones(16, 4)  # every similarity equal
+    loss = box_contrastive_loss(same[:9], online_ids, same[9:], target_ids, 0.5)
+    chance = chance_contrastive_loss(online_ids, target_ids)
+    assert chance == pytest.approx(loss.item(), rel=1e-6)
+    # Instance 0 has 6 of the 16 RoIs (10 negatives), 1 has 4 (12), 2 has 2 (14).
+    assert chance == pytest.approx((math.log(11) + math.log(13) + math.log(15)) / 3)
+    assert chance_contrastive_loss(torch.tensor([-1]), target_ids) == 0.0
 
 
 def test_box_contrastive_loss_under_bfloat16_autocast():
@@ -314,9 +327,12 @@ def test_each_box_domain_detector_trains_in_fp32_and_bfloat16_autocast(
     model.train()
     for autocast in (False, True):
         model.zero_grad()
-        with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with EventStorage() as storage, torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=autocast
+        ):
             losses = model(batch)
         assert "loss_contrast" in losses and "loss_box_reg" in losses
+        assert storage.latest()["contrast_chance"][0] > 0  # logged beside loss_contrast
         assert all(torch.isfinite(v) for v in losses.values()), losses
         assert losses["loss_contrast"] > 0
         sum(losses.values()).backward()

@@ -2,7 +2,7 @@
 
 from .config import add_aligndet_config
 from .dense import AlignDetFCOS, AlignDetRetinaNet
-from .losses import EMAHook, box_contrastive_loss, ema_momentum
+from .losses import EMAHook, box_contrastive_loss, chance_contrastive_loss, ema_momentum
 from .phase import BoxDomainPhase, transfer_drop
 from .proposals import load_proposals
 from .rcnn import AlignDetRCNN
@@ -17,6 +17,7 @@ __all__ = [
     "TwoViewMapper",
     "add_aligndet_config",
     "box_contrastive_loss",
+    "chance_contrastive_loss",
     "ema_momentum",
     "load_proposals",
     "transfer_drop",

@@ -26,11 +26,12 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.structures import Boxes, pairwise_iou, pairwise_point_box_distance
+from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
 from ..modeling.fcos import FCOSDetector
-from .losses import box_contrastive_loss
+from .losses import box_contrastive_loss, chance_contrastive_loss
 from .rcnn import box_domain_args
 from .target import EMATargetMixin
 
@@ -216,6 +217,7 @@ class DenseBoxDomainMixin(EMATargetMixin):
             ids2,
             self.temperature,
         )
+        get_event_storage().put_scalar("contrast_chance", chance_contrastive_loss(ids1, ids2))
         losses = {"loss_contrast": self.contrast_weight * loss_contrast}
         box = self.box_losses(anchors, predictions, assigned, chosen, gt1)
         losses.update({k: self.reg_weight * v for k, v in box.items()})

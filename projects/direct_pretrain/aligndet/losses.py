@@ -8,7 +8,7 @@ import torch
 from detectron2.engine import HookBase
 from torch.nn import functional as F
 
-__all__ = ["EMAHook", "box_contrastive_loss", "ema_momentum"]
+__all__ = ["EMAHook", "box_contrastive_loss", "chance_contrastive_loss", "ema_momentum"]
 
 
 # Replaces masked logits: its exp() is exactly 0 in float32 (no -inf, no NaN gradients).
@@ -80,6 +80,18 @@ def _box_contrastive_loss(online, online_ids, target, target_ids, temperature):
     pairs = pair.sum(1).to(loss_sum.dtype)
     pair_count = loss_sum.new_zeros(len(instances)).index_add_(0, slot, pairs)
     return (loss_sum / pair_count).mean()
+
+
+def chance_contrastive_loss(online_ids: torch.Tensor, target_ids: torch.Tensor) -> float:
+    """What :func:`box_contrastive_loss` gives for these RoIs when the embeddings tell nothing
+    apart (every similarity equal): the mean over instances of log(1 + the instance's number
+    of negatives). It grows with the RoIs sampled; ``loss_contrast`` below it is learning."""
+    ids = torch.cat([online_ids, target_ids])
+    instances = torch.unique(online_ids[online_ids >= 0])
+    if len(instances) == 0:
+        return 0.0
+    negatives = len(ids) - (ids[None, :] == instances[:, None]).sum(1)
+    return float(torch.log1p(negatives.double()).mean())
 
 
 def ema_momentum(base: float, iteration: int, max_iter: int) -> float:

@@ -28,10 +28,11 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.structures import Boxes, pairwise_iou
+from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
-from .losses import box_contrastive_loss
+from .losses import box_contrastive_loss, chance_contrastive_loss
 from .target import EMATargetMixin
 
 __all__ = ["AlignDetRCNN", "BoxDomainPredictor"]
@@ -164,13 +165,9 @@ class AlignDetRCNN(EMATargetMixin, GeneralizedRCNN):
             embed2, _ = self._embed(
                 features2, rois2, self.target["box_head"], self.target["box_predictor"]
             )
-        loss_contrast = box_contrastive_loss(
-            embed1,
-            self._instance_ids(matched1, gt1),
-            embed2,
-            self._instance_ids(matched2, gt2),
-            self.temperature,
-        )
+        ids1, ids2 = self._instance_ids(matched1, gt1), self._instance_ids(matched2, gt2)
+        loss_contrast = box_contrastive_loss(embed1, ids1, embed2, ids2, self.temperature)
+        get_event_storage().put_scalar("contrast_chance", chance_contrastive_loss(ids1, ids2))
         matched_boxes = cat([g.gt_boxes.tensor[m] for g, m in zip(gt1, matched1)])
         targets = self.box2box_transform.get_deltas(cat([r.tensor for r in rois1]), matched_boxes)
         loss_reg = F.l1_loss(deltas.float(), targets, reduction="sum") / max(len(targets), 1)
