@@ -164,14 +164,16 @@ def collect(folder: Path) -> dict:
     return {"AP": score("AP"), "AP50": score("AP50"), "folder": str(folder)}
 
 
-def contrast_curves(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """loss_contrast per logged iteration of each box-domain run."""
+def contrast_curves(out: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """loss_contrast and its chance level (``contrast_chance``, where logged) per logged
+    iteration of each box-domain run."""
     curves = {}
     for metrics in sorted((out / "aligndet" / "box_domain").glob("seed*/box_domain/metrics.json")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        curves[metrics.parts[-3]] = [
-            (r["iteration"], r["loss_contrast"]) for r in rows if "loss_contrast" in r
-        ]
+        curves[metrics.parts[-3]] = {
+            key: [(r["iteration"], r[key]) for r in rows if key in r]
+            for key in ("loss_contrast", "contrast_chance")
+        }
     return curves
 
 
@@ -224,11 +226,15 @@ def plot(results: dict, curves: dict, path: Path) -> None:
     ax.set_ylabel("box AP on neon_trees_val (dots: seeds)")
     ax.set_title("Fine-tuning the same backbone B")
     ax.legend()
-    for name, points in curves.items():
-        if points:
-            bx.plot(*zip(*points), label=name)
+    for name, run in curves.items():
+        color = None
+        if run["loss_contrast"]:
+            (line,) = bx.plot(*zip(*run["loss_contrast"]), label=f"{name} loss_contrast")
+            color = line.get_color()
+        if run["contrast_chance"]:
+            bx.plot(*zip(*run["contrast_chance"]), ls="--", color=color, label=f"{name} chance")
     bx.set_xlabel("box-domain iteration")
-    bx.set_ylabel("loss_contrast")
+    bx.set_ylabel("loss_contrast (dashed: its chance level)")
     bx.set_title("Box-level contrastive loss")
     bx.grid(alpha=0.3)
     if curves:
@@ -287,9 +293,10 @@ def main() -> None:
     print(table(["arm", "labels", "seeds", "box AP", "AP50"], rows))
     for name, c in boxes.items():
         print(f"pseudo-boxes per image ({name}): {c['mean']:.1f} (min {c['min']}, max {c['max']})")
-    for name, points in curves.items():
-        if points:
-            print(f"loss_contrast {name}: {points[0][1]:.3f} -> {points[-1][1]:.3f}")
+    for name, run in curves.items():
+        for key, points in run.items():
+            if points:
+                print(f"{key} {name}: {points[0][1]:.3f} -> {points[-1][1]:.3f}")
     plot(results, curves, args.out / "aligndet_claim.png")
     save_json(
         str(args.out / "results.json"),
