@@ -56,14 +56,16 @@ def setup(args):
 
 def main(args) -> dict:
     cfg = setup(args)
-    if args.eval_only:
-        result = evaluate_weights(cfg, kind_of(cfg).weights(cfg))
-    else:
-        result = run_pipeline(cfg)
-        if comm.is_main_process():
-            logging.getLogger("detectron2").info(
-                "Pipeline summary:\n%s", json.dumps(result, indent=1)
-            )
+    try:
+        if args.eval_only:
+            result = evaluate_weights(cfg, kind_of(cfg).weights(cfg))
+        else:
+            result = run_pipeline(cfg)
+    except Exception as e:  # the reason a run stopped belongs in log.txt too
+        logging.getLogger("direct_pretrain").error("Stopped: %s: %s", type(e).__name__, e)
+        raise
+    if not args.eval_only and comm.is_main_process():
+        logging.getLogger("detectron2").info("Pipeline summary:\n%s", json.dumps(result, indent=1))
     if comm.get_world_size() > 1:  # gloo/NCCL threads left running abort the exit
         comm.synchronize()
         dist.destroy_process_group()

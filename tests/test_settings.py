@@ -164,15 +164,16 @@ def test_attempt_without_checkpoint_restarts_with_the_fixed_config(synthetic_dat
 
 
 def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_data, tmp_path):
-    cfg = tiny_cfg(synthetic_data, tmp_path / "run")
+    data = _own_data(synthetic_data, tmp_path / "data")  # its annotations get edited below
+    cfg = tiny_cfg(data, tmp_path / "run")
     cfg.DIRECT_PRETRAIN.REGISTER_COCO = [
         *cfg.DIRECT_PRETRAIN.REGISTER_COCO,
-        ["forgotten_train", *synthetic_data["train"]],
+        ["forgotten_train", *data["train"]],
     ]
     cfg.MODEL.DEVICE = "cuda"
     config = write_config(cfg, tmp_path / "tiny.yaml")  # as a run's config.yaml: reusable
 
-    def run() -> str:
+    def run(returncode: int = 0) -> str:
         proc = subprocess.run(
             [sys.executable, "train_net.py", "--config-file", str(config)],
             cwd=ROOT,
@@ -180,7 +181,7 @@ def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_dat
             text=True,
             timeout=600,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == returncode, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
     first = run()
@@ -199,6 +200,15 @@ def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_dat
     for phase in ("PRETRAIN", "FINETUNE"):
         line = f"Phase {phase}: already finished in"
         assert line in second and line in (tmp_path / "run" / "log.txt").read_text()
+    # An annotation edited: the refusal, why the run stopped, reaches log.txt as well.
+    train_json = Path(data["train"][0])
+    data = json.loads(train_json.read_text())
+    data["annotations"][0]["bbox"][2] += 1
+    train_json.write_text(json.dumps(data))
+    third = run(returncode=1)
+    line = "Stopped: PhaseStateError: "
+    assert line in third and line in (tmp_path / "run" / "log.txt").read_text()
+    assert "the data changed since" in (tmp_path / "run" / "log.txt").read_text()
     # The saved pipeline config records what ran: no phase-controlled keys, and it loads.
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert not {"BASE_LR", "MAX_ITER", "IMS_PER_BATCH"} & saved["SOLVER"].keys()
