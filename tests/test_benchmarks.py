@@ -160,3 +160,13 @@ def test_budget_study_tables(monkeypatch):
     assert set(ttap) == {"1x", "2x"}
     assert ttap["1x"][1:] == ["11.0", "10.5", "7.5 (0.71x)", "pending", "pending", "0.71x"]
     assert ttap["2x"][3:] == ["not reached (0/1 seeds)", "pending", "pending", "-"]
+
+
+def test_budget_study_trains_only_the_methods_asked(tmp_path, monkeypatch):
+    study = _study(monkeypatch, "budget_study")
+    trained = []
+    monkeypatch.setattr(study, "train", lambda out, *key: trained.append(key))
+    monkeypatch.setattr(study, "report", lambda out, figure: "")
+    monkeypatch.setattr(sys, "argv", ["budget_study.py", "--out", str(tmp_path), "--methods", "direct"])
+    study.main()
+    assert trained == [key for key in study.planned() if key[0] == "direct"] and len(trained) == 5
