@@ -299,6 +299,14 @@ def _bbox(record: dict) -> dict:
     return {k: bbox[k] for k in ("AP", "AP50", "AP75") if k in bbox}
 
 
+def _ap_text(record: dict) -> str:
+    """The record's final box AP for a log line (JSON keeps a NaN AP as null)."""
+    bbox = _bbox(record)
+    if "AP" not in bbox:
+        return "not evaluated"
+    return "box AP nan" if bbox["AP"] is None else f"box AP {bbox['AP']:.1f}"
+
+
 def run_pipeline(cfg) -> dict:
     """Run every active phase of ``cfg`` in order; return and write ``summary.json``.
 
@@ -329,10 +337,10 @@ def run_pipeline(cfg) -> dict:
         record = _read_done(kind.output_dir(pcfg))
         if record is not None:
             logger.info(
-                "Phase %s: already finished in %s (box AP %s); skipping it.",
+                "Phase %s: already finished in %s (%s); skipping it.",
                 phase,
                 kind.output_dir(pcfg),
-                _bbox(record).get("AP", "-"),
+                _ap_text(record),
             )
         else:
             if from_previous:
