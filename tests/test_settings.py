@@ -202,9 +202,9 @@ def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_dat
         assert line in second and line in (tmp_path / "run" / "log.txt").read_text()
     # An annotation edited: the refusal, why the run stopped, reaches log.txt as well.
     train_json = Path(data["train"][0])
-    data = json.loads(train_json.read_text())
-    data["annotations"][0]["bbox"][2] += 1
-    train_json.write_text(json.dumps(data))
+    coco = json.loads(train_json.read_text())
+    coco["annotations"][0]["bbox"][2] += 1
+    train_json.write_text(json.dumps(coco))
     third = run(returncode=1)
     line = "Stopped: PhaseStateError: "
     assert line in third and line in (tmp_path / "run" / "log.txt").read_text()
