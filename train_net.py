@@ -29,20 +29,25 @@ import torch.distributed as dist  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from direct_pretrain.config import load_config  # noqa: E402
-from direct_pretrain.kinds import kind_of  # noqa: E402
+from direct_pretrain.config_systems import load_config  # noqa: E402
+from direct_pretrain.config_systems import system_of  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
+from direct_pretrain.utils.dist import build_on_main  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
+from direct_pretrain.utils.lock import RunLock  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
 
 
-def setup(args):
-    """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); logging of
-    Detectron2 and of this project to the console and OUTPUT_DIR/log.txt."""
+def setup(args) -> tuple:
+    """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); the output
+    folder's lock (``RunLock``), taken by the main process before anything is written there;
+    logging of Detectron2 and of this project to the console and OUTPUT_DIR/log.txt."""
     cfg = load_config(args.config_file, args.opts)
-    output_dir = kind_of(cfg).output_dir(cfg)
+    output_dir = system_of(cfg).output_dir(cfg)
     if comm.is_main_process():
         ensure_writable_dir(output_dir)
+    lock = RunLock(output_dir)
+    build_on_main(lock.acquire, "locking OUTPUT_DIR", others_too=False)
     default_setup(cfg, args)
     logger = setup_project_logger(output_dir)
     if args.num_gpus > 1 and not torch.cuda.is_available():
@@ -51,19 +56,21 @@ def setup(args):
             args.num_gpus,
             comm.get_world_size(),
         )
-    return cfg
+    return cfg, lock
 
 
 def main(args) -> dict:
-    cfg = setup(args)
+    cfg, lock = setup(args)
     try:
         if args.eval_only:
-            result = evaluate_weights(cfg, kind_of(cfg).weights(cfg))
+            result = evaluate_weights(cfg, system_of(cfg).weights(cfg))
         else:
             result = run_pipeline(cfg)
     except Exception as e:  # the reason a run stopped belongs in log.txt too
         logging.getLogger("direct_pretrain").error("Stopped: %s: %s", type(e).__name__, e)
         raise
+    finally:
+        lock.release()  # the process's end would release it too, however it ends
     if not args.eval_only and comm.is_main_process():
         logging.getLogger("detectron2").info("Pipeline summary:\n%s", json.dumps(result, indent=1))
     if comm.get_world_size() > 1:  # gloo/NCCL threads left running abort the exit

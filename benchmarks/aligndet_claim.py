@@ -30,10 +30,9 @@ from detectron2.data import MetadataCatalog
 
 from direct_pretrain.aligndet import transfer_drop
 from direct_pretrain.bridge import bridge_state_dict, load_model_state
-from direct_pretrain.config import load_config
+from direct_pretrain.config_systems import load_config, phase_config
 from direct_pretrain.data.datasets import register_datasets
-from direct_pretrain.phases import phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.utils.io import atomic_torch_save
 
 from common import machine, mean_std, run_training, save_json, table

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from direct_pretrain.config import load_config
+from direct_pretrain.config_systems import load_config
 from direct_pretrain.phases import active_phases
 
 from common import collect_run, machine, phase_cfg, run_training, save_json, table

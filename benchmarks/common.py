@@ -19,8 +19,8 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 import torch  # noqa: E402
 
-from direct_pretrain.config import load_config  # noqa: E402
-from direct_pretrain.phases import phase_config  # noqa: E402
+from direct_pretrain.config_systems import load_config  # noqa: E402
+from direct_pretrain.config_systems import phase_config  # noqa: E402
 from direct_pretrain.pipeline import prepare_config  # noqa: E402
 from direct_pretrain.report import ap_vs_time  # noqa: E402
 

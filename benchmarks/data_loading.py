@@ -18,9 +18,10 @@ import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from direct_pretrain.config_systems import training_dicts
 from direct_pretrain.data.datasets import cache_dir
 from direct_pretrain.data.resized_cache import maybe_resized
-from direct_pretrain.trainer import DirectPretrainTrainer, training_dicts
+from direct_pretrain.engine import DirectPretrainTrainer
 
 from common import DEMO_CONFIG, machine, phase_cfg, save_json, table
 from phase_cost import measure
@@ -28,7 +29,7 @@ from phase_cost import measure
 
 def _embedded_opts(tile: int, config_file: str, opts: list[str]) -> list[str]:
     """Overrides that register the embedded dataset cut into ``tile`` px tiles."""
-    from direct_pretrain.config import load_config
+    from direct_pretrain.config_systems import load_config
     from direct_pretrain.data.trees import build_neon_trees
 
     node = load_config(config_file, opts).DIRECT_PRETRAIN

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from direct_pretrain.trainer import DirectPretrainTrainer
+from direct_pretrain.engine import DirectPretrainTrainer
 
 from common import DEMO_CONFIG, machine, peak_memory_mb, phase_cfg, save_json, table
 

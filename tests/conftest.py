@@ -114,9 +114,9 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
 def write_config(cfg, path: Path) -> Path:
     """Write a yacs pipeline config as a run's ``config.yaml`` is written (without the keys the
     phases set), so that ``train_net.py --config-file`` takes it."""
-    from direct_pretrain.kinds import kind_of
+    from direct_pretrain.config_systems import system_of
 
-    kind_of(cfg).save_pipeline(cfg, str(path))
+    system_of(cfg).save_pipeline(cfg, str(path))
     return path
 
 

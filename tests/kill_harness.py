@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
-from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils import io as dp_io
 from direct_pretrain.utils.logger import setup_project_logger
 

@@ -47,12 +47,12 @@ from direct_pretrain.aligndet.proposals import (
 )
 from direct_pretrain.aligndet.views import PHOTOMETRIC_OPS, RandomPhotometric
 from direct_pretrain.bridge import BridgeError, bridge_state_dict
-from direct_pretrain.config import load_config
+from direct_pretrain.config_systems import load_config, phase_config
 from direct_pretrain.data.datasets import register_datasets
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.modeling.norm_eval import backbone_norms_eval
 from direct_pretrain.phase_kinds import phase_kind
-from direct_pretrain.phases import PhaseConfigError, phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer
+from direct_pretrain.phases import PhaseConfigError
 
 from conftest import ROOT, shrink, tiny_cfg
 
@@ -275,10 +275,11 @@ def test_photometric_operations_use_the_public_magnitudes():
 
 
 def test_transfer_drops_exactly_the_prediction_layers(box_domain_cfg):
-    source = DirectPretrainTrainer.build_model(phase_config(box_domain_cfg, "BOX_DOMAIN", 8))
+    box = phase_config(box_domain_cfg, "BOX_DOMAIN", 8)
+    source = DirectPretrainTrainer.build_model(box)
     fine = phase_config(box_domain_cfg, "FINETUNE", 8)
     target = DirectPretrainTrainer.build_model(fine)
-    state, report = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(fine))
+    state, report = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(box, fine))
     predictor = {k for k in target.state_dict() if k.startswith("roi_heads.box_predictor.")}
     assert set(report.reinitialised) == predictor and len(predictor) == 4
     assert all(v == "dropped by request" for v in report.reinitialised.values())
@@ -288,7 +289,7 @@ def test_transfer_drops_exactly_the_prediction_layers(box_domain_cfg):
     }
     fine.defrost()
     fine.ALIGNDET.KEEP_PREDICTORS = True
-    _, kept = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(fine))
+    _, kept = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(box, fine))
     # Only the classifier (absent from the box-domain model) is new; the regression is kept.
     assert set(kept.reinitialised) == {
         "roi_heads.box_predictor.cls_score.weight",
@@ -327,8 +328,9 @@ def test_each_box_domain_detector_trains_in_fp32_and_bfloat16_autocast(
     model.train()
     for autocast in (False, True):
         model.zero_grad()
-        with EventStorage() as storage, torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=autocast
+        with (
+            EventStorage() as storage,
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
         ):
             losses = model(batch)
         assert "loss_contrast" in losses and "loss_box_reg" in losses
@@ -406,10 +408,11 @@ def test_own_fcos_assignment_and_centerness_match_detectron2(synthetic_data, tmp
 
 def test_transfer_maps_the_fpn_norm_the_fine_tuning_adds(box_domain_cfg):
     box_domain_cfg.DIRECT_PRETRAIN.FINETUNE.FPN_NORM = "GN"
-    source = DirectPretrainTrainer.build_model(phase_config(box_domain_cfg, "BOX_DOMAIN", 8))
+    box = phase_config(box_domain_cfg, "BOX_DOMAIN", 8)
+    source = DirectPretrainTrainer.build_model(box)
     fine = phase_config(box_domain_cfg, "FINETUNE", 8)
     target = DirectPretrainTrainer.build_model(fine)
-    state, report = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(fine))
+    state, report = bridge_state_dict(source.state_dict(), target, drop=transfer_drop(box, fine))
     norms = {k for k in target.state_dict() if k.startswith("backbone.fpn_") and ".norm." in k}
     assert norms and norms <= set(report.reinitialised)
     assert report.ignored["backbone.fpn_lateral2.bias"] == "not in the target model"

@@ -15,15 +15,15 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
 from direct_pretrain.checkpoint import SafeCheckpointer
+from direct_pretrain.config_systems import phase_config
 from direct_pretrain.data.datasets import register_datasets
 from direct_pretrain.data.images import BadImageError, ImageSizeError, read_image_checked
 from direct_pretrain.data.mapper import CheckedDatasetMapper
 from direct_pretrain.data.pixel_stats import dataset_pixel_stats
 from direct_pretrain.data.resized_cache import resized_dicts
 from direct_pretrain.data.validate import DatasetError, checked_coco_json
-from direct_pretrain.phases import phase_config
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
-from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils.env import has_cpp_ops
 from direct_pretrain.utils.io import ensure_writable_dir
 

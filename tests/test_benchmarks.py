@@ -167,6 +167,8 @@ def test_budget_study_trains_only_the_methods_asked(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(study, "train", lambda out, *key: trained.append(key))
     monkeypatch.setattr(study, "report", lambda out, figure: "")
-    monkeypatch.setattr(sys, "argv", ["budget_study.py", "--out", str(tmp_path), "--methods", "direct"])
+    monkeypatch.setattr(
+        sys, "argv", ["budget_study.py", "--out", str(tmp_path), "--methods", "direct"]
+    )
     study.main()
     assert trained == [key for key in study.planned() if key[0] == "direct"] and len(trained) == 5

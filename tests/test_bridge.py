@@ -16,10 +16,10 @@ from direct_pretrain.bridge import (
     report_path,
     resize_position_table,
 )
+from direct_pretrain.config_systems import phase_config
 from direct_pretrain.data.datasets import register_datasets
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.modeling import TimmSwin
-from direct_pretrain.phases import phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer
 
 from conftest import tiny_cfg
 

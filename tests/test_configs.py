@@ -11,8 +11,8 @@ from detectron2.modeling.backbone.resnet import BottleneckBlock
 from omegaconf import DictConfig
 
 from direct_pretrain import get_cfg
-from direct_pretrain.config import load_config, model_zoo_path
-from direct_pretrain.kinds import kind_of
+from direct_pretrain.config import model_zoo_path
+from direct_pretrain.config_systems import load_config, system_of
 from direct_pretrain.phases import active_phases
 
 from conftest import ROOT
@@ -37,7 +37,7 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", CONFIGS, ids=config_id)
 def test_config_loads_and_builds(path: Path):
     cfg = load_config(str(path))
-    kind = kind_of(cfg)
+    kind = system_of(cfg)
     for phase in active_phases(cfg):
         pcfg = kind.phase_config(cfg, phase, num_images=1000)
         assert pcfg.DIRECT_PRETRAIN.PHASE == phase
@@ -86,7 +86,7 @@ RESNET_RECIPES = [
 def test_recipe_resnet_strides_in_the_3x3_conv(path: Path):
     """The paper's torchvision-style ResNet, not Detectron2's default (stride in the 1x1)."""
     cfg = load_config(str(path))
-    pcfg = kind_of(cfg).phase_config(cfg, active_phases(cfg)[0], num_images=1000)
+    pcfg = system_of(cfg).phase_config(cfg, active_phases(cfg)[0], num_images=1000)
     if isinstance(pcfg, DictConfig):
         backbone = instantiate(pcfg.model.backbone.bottom_up)
     else:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from direct_pretrain.config import load_config
-from direct_pretrain.kinds import kind_of
-from direct_pretrain.trainer import build_train_augmentations
+from direct_pretrain.config_systems import load_config, system_of
+from direct_pretrain.engine import build_train_augmentations
 
 from conftest import ROOT
 
@@ -17,7 +16,7 @@ LAZY = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
 
 def _phase(path: str, phase: str):
     cfg = load_config(path)
-    kind = kind_of(cfg)
+    kind = system_of(cfg)
     return kind, kind.phase_config(cfg, phase, num_images=98)
 
 
@@ -68,3 +67,27 @@ def test_same_augmentations_schedule_and_solver(phase):
     assert list(lz.lr_multiplier.scheduler.milestones) == list(y.SOLVER.STEPS)
     assert lz.optimizer.lr == y.SOLVER.BASE_LR
     assert lz.dataloader.train.total_batch_size == y.SOLVER.IMS_PER_BATCH
+
+
+def test_backbone_norm_eval_applies_to_lazyconfig_runs(synthetic_data, tmp_path):
+    """BACKBONE_NORM_EVAL keeps the backbone's BN statistics at their init in a LazyConfig
+    phase, as in a yacs one, while the affine parameters train."""
+    from direct_pretrain.pipeline import run_pipeline
+
+    from conftest import shrink
+
+    results = {}
+    for norm_eval in (False, True):
+        cfg = shrink(load_config(LAZY), synthetic_data, tmp_path / str(norm_eval))
+        cfg.DIRECT_PRETRAIN.PHASE = "PRETRAIN"
+        cfg.DIRECT_PRETRAIN.PRETRAIN.BACKBONE_NORM_EVAL = norm_eval
+        cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 0.02
+        summary = run_pipeline(cfg)
+        state = torch.load(summary["final_model"], weights_only=True)["model"]
+        results[norm_eval] = state
+    prefix = "backbone.bottom_up.res2.0.conv1.norm."
+    fixed, trained = results[True], results[False]
+    assert torch.equal(fixed[prefix + "running_mean"], torch.zeros_like(fixed[prefix + "weight"]))
+    assert torch.equal(fixed[prefix + "running_var"], torch.ones_like(fixed[prefix + "weight"]))
+    assert not torch.equal(fixed[prefix + "weight"], torch.ones_like(fixed[prefix + "weight"]))
+    assert not torch.equal(trained[prefix + "running_mean"], fixed[prefix + "running_mean"])

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from detectron2.engine import HookBase, launch
 from detectron2.utils import comm
 
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
-from direct_pretrain.trainer import DirectPretrainTrainer
 
 from conftest import skip_without_cpu_multiprocess, tiny_cfg
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from direct_pretrain import get_cfg
-from direct_pretrain.phases import PhaseConfigError, active_phases, phase_config, schedule
+from direct_pretrain.config_systems import phase_config
+from direct_pretrain.phases import PhaseConfigError, active_phases, schedule
 
 from conftest import tiny_cfg
 

@@ -20,8 +20,8 @@ from detectron2.engine import HookBase, launch
 from detectron2.utils import comm
 
 from direct_pretrain.checkpoint import SafeCheckpointer
+from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
-from direct_pretrain.trainer import DirectPretrainTrainer
 from direct_pretrain.utils.dist import build_on_main
 
 from conftest import skip_without_cpu_multiprocess, tiny_cfg
@@ -176,3 +176,40 @@ def test_training_diverged_on_main_stops_every_process(synthetic_data, tmp_path)
         ), outcome
         assert "on process(es) [0]" in outcome
     assert (tmp_path / "run" / "pretrain" / "last_checkpoint").read_text() == "model_0000000.pth"
+
+
+class _PoisonOtherAt(HookBase):
+    """Makes the weights of process 1 (not the main one) NaN before iteration ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def before_step(self) -> None:
+        if self.trainer.iter == self.n and comm.get_rank() == 1:
+            with torch.no_grad():
+                for p in self.trainer.model.parameters():
+                    p.fill_(float("nan"))
+
+
+def _nan_on_other_worker(cfg, folder: str) -> None:
+    build_hooks = DirectPretrainTrainer.build_hooks
+    DirectPretrainTrainer.build_hooks = lambda self: [_PoisonOtherAt(1), *build_hooks(self)]
+    _pipeline_worker(cfg, folder)
+
+
+def test_nan_loss_on_one_other_process_stops_every_process_together(synthetic_data, tmp_path):
+    """Detectron2 checks the loss on the main process only: a NaN elsewhere must not leave the
+    main process waiting in the next all-reduce."""
+    skip_without_cpu_multiprocess(ddp=True)
+    cfg = tiny_cfg(synthetic_data, tmp_path / "run")
+    node = cfg.DIRECT_PRETRAIN.PRETRAIN
+    node.MAX_ITER, node.IMS_PER_BATCH, node.CHECKPOINT_PERIOD = 3, 4, 100
+    _launch(_nan_on_other_worker, cfg, str(tmp_path / "outcome"))
+
+    outcomes = _outcomes(tmp_path / "outcome")
+    for outcome in outcomes:  # process 1: its own error (a NaN loss, or NaN boxes in the model)
+        assert outcome.startswith(
+            "FloatingPointError: phase PRETRAIN: training diverged at iteration 1 ("
+        ), outcomes
+    assert "Training diverged at iteration=1: " in outcomes[0]
+    assert "on process(es) [1]" in outcomes[0]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from direct_pretrain.config import load_config
+from direct_pretrain.config_systems import load_config
 from direct_pretrain.pipeline import run_pipeline
 
 from conftest import shrink

@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from direct_pretrain import get_cfg
-from direct_pretrain.config import load_config
-from direct_pretrain.lazy import lazy_phase_config
+from direct_pretrain.config_systems import lazy_phase_config, load_config
 from direct_pretrain.phases import PhaseConfigError
 from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
 

@@ -11,9 +11,9 @@ from detectron2.data import transforms as T
 from detectron2.layers import FrozenBatchNorm2d
 from PIL import Image
 
+from direct_pretrain.config_systems import phase_config
 from direct_pretrain.data.datasets import register_datasets
-from direct_pretrain.phases import phase_config
-from direct_pretrain.trainer import DirectPretrainTrainer, PhaseTimer, build_train_augmentations
+from direct_pretrain.engine import DirectPretrainTrainer, PhaseTimer, build_train_augmentations
 
 from conftest import tiny_cfg
 
@@ -75,8 +75,8 @@ def test_adamw_skips_decay_on_norms_and_position_tables(synthetic_data, tmp_path
 
 
 def test_resized_cache_gives_the_same_training_sizes(synthetic_data, tmp_path):
+    from direct_pretrain.config_systems import training_dicts
     from direct_pretrain.data.resized_cache import copy_scale, maybe_resized
-    from direct_pretrain.trainer import training_dicts
 
     cfg = _phase(synthetic_data, tmp_path, "PRETRAIN")
     node = cfg.DIRECT_PRETRAIN.PRETRAIN.clone()

@@ -7,7 +7,7 @@ Run it like the yacs file, with a.b=c overrides:
 
 from detectron2.model_zoo import get_config
 
-from direct_pretrain.lazy import default_direct_pretrain
+from direct_pretrain.config import default_direct_pretrain
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = get_config("common/data/coco.py").dataloader

@@ -28,6 +28,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import SafeCheckpointer
 from .utils.io import atomic_torch_save, atomic_write_json
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "bridge_state_dict",
     "bridge_checkpoint",
     "load_model_state",
+    "load_weights_strictly",
     "CLASS_SPECIFIC",
 ]
 
@@ -260,3 +262,17 @@ def report_path(bridged: str | Path) -> Path:
     """Where :func:`bridge_checkpoint` writes the report of ``bridged``."""
     bridged = Path(bridged)
     return bridged.with_name(f"{bridged.stem}_report.json")
+
+
+def load_weights_strictly(model, weights: str) -> None:
+    """Load ``weights`` into ``model``; a checkpoint that does not fit is an error naming the
+    keys (norm statistics convert as in the bridge). Legacy ``.pkl`` files go through
+    Detectron2's name-matching loader."""
+    if weights.endswith(".pkl"):
+        SafeCheckpointer(model).load(weights)
+        return
+    state, report = bridge_state_dict(
+        load_model_state(weights), model, reinit_on_class_change=False, source_name=weights
+    )
+    model.load_state_dict(state)
+    logger.info(report.summary())

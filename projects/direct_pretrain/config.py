@@ -1,48 +1,47 @@
-"""The project's config node, ``DIRECT_PRETRAIN``, and the config loader.
+"""The config schema: the ``DIRECT_PRETRAIN`` node, its defaults and checks of user keys.
 
 One config describes the whole pipeline. Everything that differs between phases (input size,
 norms, batch, optimizer, schedule) lives under ``DIRECT_PRETRAIN.<PHASE>``; everything else
 (model, datasets, anchors, ...) is shared and read from the usual Detectron2 keys.
-:func:`projects.direct_pretrain.phases.phase_config` turns one phase node into a plain
-Detectron2 config.
+:func:`direct_pretrain.phases.resolve_phase` is the one reader of a phase node; loading a
+config file is :mod:`direct_pretrain.config_systems`' job.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from typing import Sequence
 
 import yaml
-
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 
-from .aligndet.config import add_aligndet_config
+from . import aligndet as _aligndet  # noqa: F401 - registers the BOX_DOMAIN phase kind
 from .modeling import add_fcos_config, add_swin_config
+from .phase_kinds import registered_phase_kinds
 from .utils.io import flatten_dict
 
 __all__ = [
     "CfgNode",
-    "PHASE_NAMES",
     "add_direct_pretrain_config",
     "check_lazy_node",
+    "default_direct_pretrain",
     "get_cfg",
-    "load_config",
     "lookup",
     "model_zoo_path",
+    "new_phase_node",
+    "phase_names",
     "user_keys",
 ]
 
 CN = _D2CfgNode
 
-# Phase nodes the project defines; DIRECT_PRETRAIN.PIPELINE lists which run, in order. BOX_DOMAIN
-# is AlignDet's label-free box-domain pre-training (configured by the ALIGNDET node).
-PHASE_NAMES = ("PRETRAIN", "BOX_DOMAIN", "FINETUNE")
 MODEL_ZOO_PREFIX = "model_zoo:"
 
 
-def _phase_node(**overrides) -> CN:
+def new_phase_node(**overrides) -> CN:
     """A phase node: the keys every phase has, with this phase's defaults."""
     node = CN()
     # How the phase's weights start: "scratch" (random init), "previous" (the previous
@@ -137,7 +136,7 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     # (otherwise a shape mismatch there is an error).
     node.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE = True
 
-    node.PRETRAIN = _phase_node(
+    node.PRETRAIN = new_phase_node(
         AUGMENTATION="fixed_size_crop",
         RESIZED_CACHE=True,
         MIN_SIZE_TEST=448,
@@ -151,7 +150,7 @@ def add_direct_pretrain_config(cfg: CN) -> None:
         WARMUP_ITERS=500,
         WARMUP_FACTOR=0.01,
     )
-    node.FINETUNE = _phase_node(
+    node.FINETUNE = new_phase_node(
         INIT="previous",
         BACKBONE_NORM="FrozenBN",
         IMS_PER_BATCH=16,
@@ -159,7 +158,8 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     )
     add_fcos_config(cfg)
     add_swin_config(cfg)
-    add_aligndet_config(cfg, _phase_node)  # ALIGNDET and the BOX_DOMAIN phase node
+    for kind in registered_phase_kinds().values():  # e.g. ALIGNDET and the BOX_DOMAIN node
+        kind.add_config(cfg, new_phase_node)
     # The from-scratch pre-training phase trains every stage with trainable norms.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.WEIGHTS = ""
@@ -231,6 +231,16 @@ def model_zoo_path(relative: str) -> str:
     return path
 
 
+def phase_names(node) -> list[str]:
+    """The phase nodes of a ``DIRECT_PRETRAIN`` node (every child that has an ``INIT`` key)."""
+    return [k for k, v in node.items() if isinstance(v, Mapping) and "INIT" in v]
+
+
+def default_direct_pretrain() -> dict:
+    """The ``DIRECT_PRETRAIN`` node's defaults as a plain dict, for LazyConfig files."""
+    return yaml.safe_load(get_cfg().DIRECT_PRETRAIN.dump())
+
+
 def get_cfg() -> CfgNode:
     """Detectron2's default config plus the ``DIRECT_PRETRAIN`` node."""
     cfg = _d2_get_cfg()
@@ -297,53 +307,3 @@ def _file_keys(path: str, keys: dict[str, str], baseline: CfgNode) -> None:
         else:
             _file_keys(base, keys, baseline)
     keys.update({key: path for key in flatten_dict(data)})
-
-
-def load_config(path: str, opts: list[str] = ()):
-    """Load a yacs ``.yaml`` or a LazyConfig ``.py`` config and apply command-line overrides.
-
-    yacs takes ``KEY VALUE`` pairs, LazyConfig ``a.b=c``; a LazyConfig override of a key the
-    config does not have is refused (Detectron2 would add it silently).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file '{path}' not found")
-    if not path.endswith(".py"):
-        cfg = get_cfg()
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(list(opts))
-        cfg.freeze()
-        from .phases import check_phase_controlled  # phases imports this module
-
-        check_phase_controlled(cfg, user_keys(path, opts))
-        return cfg
-    from detectron2.config import LazyConfig
-    from omegaconf import OmegaConf
-
-    cfg = LazyConfig.load(path)
-    for opt in opts:
-        key, sep, _ = opt.partition("=")
-        if not sep:
-            raise ValueError(f"LazyConfig override '{opt}' is not of the form a.b=c")
-        if OmegaConf.select(
-            cfg, key.lstrip("+"), default=_MISSING
-        ) is _MISSING and not key.startswith("+"):
-            raise KeyError(
-                f"Non-existent config key: {key} (in {path}; prefix it with '+' "
-                "to add a new key)"
-            )
-    cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in opts])
-    if "DIRECT_PRETRAIN" not in cfg:
-        raise KeyError(
-            f"{path} defines no DIRECT_PRETRAIN node (use "
-            "direct_pretrain.lazy.default_direct_pretrain())"
-        )
-    check_lazy_node(cfg.DIRECT_PRETRAIN)
-    from .lazy import LAZY_CONTROLLED_PATHS
-    from .phases import check_phase_controlled
-
-    opt_keys = {opt.partition("=")[0].lstrip("+"): "the command line" for opt in opts}
-    check_phase_controlled(cfg, opt_keys, LAZY_CONTROLLED_PATHS)
-    return cfg
-
-
-_MISSING = object()

@@ -1,114 +1,57 @@
-"""Turn the pipeline config and one phase node into a plain Detectron2 config."""
+"""Phases: :func:`resolve_phase` turns a ``DIRECT_PRETRAIN.<PHASE>`` node into a checked
+:class:`Phase`, the one record of a phase's settings every other module reads.
+
+The config systems (:mod:`direct_pretrain.config_systems`) write a :class:`Phase` into a yacs
+or LazyConfig config; trainers, the pipeline and prediction read the :class:`Phase` or the
+resolved config, never the node.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.data import transforms as T
 
-from .config import PHASE_NAMES
-from .phase_kinds import phase_kind
+from .config import phase_names
+from .phase_kinds import PhaseConfigError, PhaseKind, phase_kind
 
 __all__ = [
-    "PHASE_CONTROLLED_KEYS",
+    "Phase",
+    "PhaseConfigError",
     "active_phases",
     "check_phase_controlled",
-    "phase_config",
-    "phase_node",
+    "resolve_phase",
     "schedule",
-    "validate_phase",
-    "PhaseConfigError",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Phase keys copied as they are into Detectron2 keys.
-_DIRECT_KEYS = {
-    "MIN_SIZE_TRAIN": "INPUT.MIN_SIZE_TRAIN",
-    "MAX_SIZE_TRAIN": "INPUT.MAX_SIZE_TRAIN",
-    "MIN_SIZE_TEST": "INPUT.MIN_SIZE_TEST",
-    "MAX_SIZE_TEST": "INPUT.MAX_SIZE_TEST",
-    "FREEZE_AT": "MODEL.BACKBONE.FREEZE_AT",
-    "IMS_PER_BATCH": "SOLVER.IMS_PER_BATCH",
-    "BASE_LR": "SOLVER.BASE_LR",
-    "WEIGHT_DECAY": "SOLVER.WEIGHT_DECAY",
-    "WEIGHT_DECAY_NORM": "SOLVER.WEIGHT_DECAY_NORM",
-    "WARMUP_ITERS": "SOLVER.WARMUP_ITERS",
-    "WARMUP_FACTOR": "SOLVER.WARMUP_FACTOR",
-    "CHECKPOINT_PERIOD": "SOLVER.CHECKPOINT_PERIOD",
-    "EVAL_PERIOD": "TEST.EVAL_PERIOD",
-    "ROI_BATCH_SIZE_PER_IMAGE": "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-    "BACKBONE_NORM": "MODEL.RESNETS.NORM",
-    "FPN_NORM": "MODEL.FPN.NORM",
-}
-# Head norms: every head config key that takes a norm.
-_HEAD_NORM_KEYS = (
-    "MODEL.ROI_BOX_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.NORM",
-    "MODEL.RETINANET.NORM",
-    "MODEL.FCOS.NORM",
-)
-# Other Detectron2 keys every phase sets, and the phase key(s) that decide them.
-_OTHER_CONTROLLED = {
-    "INPUT.RANDOM_FLIP": "RANDOM_FLIP",
-    "INPUT.MIN_SIZE_TRAIN_SAMPLING": "MIN_SIZE_TRAIN (sampled by 'choice')",
-    "INPUT.CROP": "AUGMENTATION fixed_size_crop with SCALE, RATIO_RANGE, CROP_SIZE",
-    "SOLVER.MAX_ITER": "EPOCHS or MAX_ITER",
-    "SOLVER.STEPS": "STEP_EPOCHS",
-    "SOLVER.LR_SCHEDULER_NAME": "STEP_EPOCHS (warmup, then x0.1 at each step)",
-    "SOLVER.AMP": "AMP",
-    "TEST.AUG": "nothing: test-time augmentation is not supported",
-}
-# Detectron2 key (or node) -> the phase key(s) that decide it. Each phase overwrites these, so
-# setting one outside DIRECT_PRETRAIN.<PHASE> is refused (:func:`check_phase_controlled`).
-PHASE_CONTROLLED_KEYS = {
-    **{d2_key: key for key, d2_key in _DIRECT_KEYS.items()},
-    **{d2_key: "HEAD_NORM" for d2_key in _HEAD_NORM_KEYS},
-    **_OTHER_CONTROLLED,
-}
-_INITS = ("scratch", "previous", "weights")
-_AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
-_OPTIMIZERS = ("SGD", "AdamW")
-
-
-class PhaseConfigError(ValueError):
-    """A phase setting is invalid or unsafe; the message names the key."""
 
 
 def active_phases(cfg) -> list[str]:
     """Phases to run: ``DIRECT_PRETRAIN.PHASE`` alone if set, else ``PIPELINE`` in order."""
     node = cfg.DIRECT_PRETRAIN
     phases = [node.PHASE] if node.PHASE else list(node.PIPELINE)
+    known = phase_names(node)
     for name in phases:
-        if name not in PHASE_NAMES or name not in node:
+        if name not in known:
             raise PhaseConfigError(
                 f"DIRECT_PRETRAIN.PIPELINE/PHASE: unknown phase '{name}' "
-                f"(known: {', '.join(PHASE_NAMES)})"
+                f"(known: {', '.join(known)})"
             )
     if not phases:
         raise PhaseConfigError("DIRECT_PRETRAIN.PIPELINE is empty")
     return phases
 
 
-def phase_node(cfg):
-    """The node of the phase a resolved phase config belongs to."""
-    return cfg.DIRECT_PRETRAIN[cfg.DIRECT_PRETRAIN.PHASE]
-
-
-def _parent(cfg: CfgNode, dotted: str) -> tuple[CfgNode, str]:
+def _parent(cfg, dotted: str):
     *parents, leaf = dotted.split(".")
     node = cfg
     for p in parents:
         node = node[p]
     return node, leaf
-
-
-def _set(cfg: CfgNode, dotted: str, value) -> None:
-    node, leaf = _parent(cfg, dotted)
-    node[leaf] = value
 
 
 def _controlling(key: str, controlled: dict[str, str]) -> str | None:
@@ -118,16 +61,15 @@ def _controlling(key: str, controlled: dict[str, str]) -> str | None:
     return None
 
 
-def check_phase_controlled(
-    cfg, user_keys: dict[str, str], controlled: dict[str, str] = PHASE_CONTROLLED_KEYS
-) -> None:
+def check_phase_controlled(cfg, user_keys: dict[str, str], controlled: dict[str, str]) -> None:
     """Refuse Detectron2 keys that the phases set, when the user's config or command line sets
     them: they would be silently overwritten. The message names the phase keys to use.
 
     Args:
         cfg: the merged pipeline config.
         user_keys: ``{key: where it was set}`` (:func:`direct_pretrain.config.user_keys`).
-        controlled: config key (or node) -> the phase key(s) deciding it.
+        controlled: config key (or node) -> the phase key(s) deciding it (each config
+            system has its map).
 
     Raises:
         PhaseConfigError: naming every such key, its value, where it was set and what to use.
@@ -152,7 +94,129 @@ def check_phase_controlled(
         )
 
 
-def validate_phase(phase: str, node) -> None:
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A phase's settings, checked and resolved for the device it runs on.
+
+    Fields carry the names of the ``DIRECT_PRETRAIN.<PHASE>`` keys (see
+    :func:`direct_pretrain.config.new_phase_node` for their meaning), plus the phase's
+    ``NAME``, its ``DEVICE`` ("cpu" when a GPU config runs without one) and its ``KIND``.
+    Norms are resolved for the device (SyncBN runs as naiveSyncBN on CPU) and AMP is off on CPU.
+    """
+
+    NAME: str
+    DEVICE: str
+    INIT: str
+    INIT_KEYS: str
+    AUGMENTATION: str
+    SCALE: tuple[int, int]
+    RATIO_RANGE: tuple[float, float]
+    CROP_SIZE: tuple[int, int]
+    RESIZED_CACHE: bool
+    MIN_SIZE_TRAIN: tuple[int, ...]
+    MAX_SIZE_TRAIN: int
+    MIN_SIZE_TEST: int
+    MAX_SIZE_TEST: int
+    RANDOM_FLIP: bool
+    BACKBONE_NORM: str
+    FPN_NORM: str
+    HEAD_NORM: str
+    FREEZE_AT: int
+    BACKBONE_NORM_EVAL: bool
+    IMS_PER_BATCH: int
+    OPTIMIZER: str
+    BASE_LR: float
+    WEIGHT_DECAY: float
+    WEIGHT_DECAY_NORM: float
+    EPOCHS: float
+    DATASET_REPEAT: int
+    STEP_EPOCHS: tuple[float, ...]
+    MAX_ITER: int
+    WARMUP_ITERS: int
+    WARMUP_FACTOR: float
+    ROI_BATCH_SIZE_PER_IMAGE: int
+    CHECKPOINT_PERIOD: int
+    EVAL_PERIOD: int
+    AMP: bool
+
+    @property
+    def KIND(self) -> PhaseKind:  # noqa: N802 - named like the other fields
+        return phase_kind(self.NAME)
+
+    @property
+    def folder(self) -> str:
+        """The phase's folder name inside the run folder."""
+        return self.NAME.lower()
+
+    def schedule(self, num_images: int) -> tuple[int, tuple[int, ...]]:
+        """Iterations and LR-drop iterations over ``num_images`` training images."""
+        return schedule(self, num_images)
+
+    def augmentation_specs(self, pixel_mean) -> list[tuple[type, dict]]:
+        """``(class, kwargs)`` of the training augmentations (for yacs and LazyConfig)."""
+        flip = [(T.RandomFlip, {"horizontal": True, "vertical": False})] if self.RANDOM_FLIP else []
+        if self.AUGMENTATION == "fixed_size_crop":
+            low, high = self.RATIO_RANGE
+            height, width = self.SCALE
+            resize = {"min_scale": low, "max_scale": high}
+            resize.update(target_height=height, target_width=width)
+            pad_value = float(sum(pixel_mean) / len(pixel_mean))
+            crop = {"crop_size": tuple(self.CROP_SIZE), "pad": True, "pad_value": pad_value}
+            return [(T.ResizeScale, resize), *flip, (T.FixedSizeCrop, crop)]
+        resize = {"short_edge_length": tuple(self.MIN_SIZE_TRAIN), "max_size": self.MAX_SIZE_TRAIN}
+        return [(T.ResizeShortestEdge, {**resize, "sample_style": "choice"}), *flip]
+
+    def augmentations(self, pixel_mean) -> list[T.Augmentation]:
+        """The training augmentations."""
+        return [cls(**kwargs) for cls, kwargs in self.augmentation_specs(pixel_mean)]
+
+
+_INITS = ("scratch", "previous", "weights")
+_AUGMENTATIONS = ("fixed_size_crop", "shortest_edge")
+_OPTIMIZERS = ("SGD", "AdamW")
+_NORM_FIELDS = ("BACKBONE_NORM", "FPN_NORM", "HEAD_NORM")
+
+
+def resolve_phase(cfg, name: str, device: str) -> Phase:
+    """The checked settings of phase ``name`` of the pipeline config ``cfg``.
+
+    The only reader of a ``DIRECT_PRETRAIN.<PHASE>`` node.
+
+    Args:
+        cfg: a yacs or LazyConfig config with the ``DIRECT_PRETRAIN`` node.
+        name: the phase node's name, e.g. "PRETRAIN".
+        device: the config's device (MODEL.DEVICE, train.device).
+
+    Raises:
+        PhaseConfigError: naming the key of an unknown phase, an invalid or unsafe setting.
+    """
+    root = cfg.DIRECT_PRETRAIN
+    if name not in phase_names(root):
+        raise PhaseConfigError(
+            f"DIRECT_PRETRAIN.{name}: no such phase (known: {', '.join(phase_names(root))})"
+        )
+    node = root[name]
+    _validate(name, node)
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    values = {}
+    for field in dataclasses.fields(Phase):
+        if field.name in ("NAME", "DEVICE"):
+            continue
+        value = node[field.name]
+        values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    if device == "cpu":
+        for key in _NORM_FIELDS:  # torch's SyncBatchNorm refuses CPU tensors
+            if values[key] == "SyncBN":
+                values[key] = "naiveSyncBN"
+        if values["AMP"]:
+            logger.info("Phase %s: mixed precision is GPU-only; training in fp32 on CPU.", name)
+            values["AMP"] = False
+    return Phase(NAME=name, DEVICE=device, **values)
+
+
+def _validate(phase: str, node) -> None:
     """Raise :class:`PhaseConfigError` naming the key of an invalid or unsafe phase setting."""
     key = f"DIRECT_PRETRAIN.{phase}"
     for field, allowed in (
@@ -185,63 +249,15 @@ def validate_phase(phase: str, node) -> None:
         raise PhaseConfigError(f"{key}: set EPOCHS or MAX_ITER to a positive value")
 
 
-def schedule(node, num_images: int) -> tuple[int, tuple[int, ...]]:
-    """Iterations and LR-drop iterations of a phase over ``num_images`` training images."""
-    iters_per_epoch = node.DATASET_REPEAT * num_images / node.IMS_PER_BATCH
-    epoch_iters = max(1, math.ceil(node.EPOCHS * iters_per_epoch))
-    max_iter = node.MAX_ITER if node.MAX_ITER > 0 else epoch_iters
+def schedule(settings, num_images: int) -> tuple[int, tuple[int, ...]]:
+    """Iterations and LR-drop iterations of a phase (a :class:`Phase` or a phase node) over
+    ``num_images`` training images."""
+    iters_per_epoch = settings.DATASET_REPEAT * num_images / settings.IMS_PER_BATCH
+    epoch_iters = max(1, math.ceil(settings.EPOCHS * iters_per_epoch))
+    max_iter = settings.MAX_ITER if settings.MAX_ITER > 0 else epoch_iters
     steps = {
-        min(max_iter - 1, round(max_iter * s / node.EPOCHS))
-        for s in node.STEP_EPOCHS
-        if s < node.EPOCHS
+        min(max_iter - 1, round(max_iter * s / settings.EPOCHS))
+        for s in settings.STEP_EPOCHS
+        if s < settings.EPOCHS
     }
     return max_iter, tuple(sorted(s for s in steps if s > 0))
-
-
-def phase_config(cfg: CfgNode, phase: str, num_train_images: int) -> CfgNode:
-    """A frozen Detectron2 config for ``phase`` of the pipeline ``cfg``.
-
-    Args:
-        cfg: the pipeline config (with the ``DIRECT_PRETRAIN`` node).
-        phase: a name in ``DIRECT_PRETRAIN.PIPELINE``.
-        num_train_images: size of the training set, to turn epochs into iterations.
-
-    Returns:
-        A copy of ``cfg`` whose Detectron2 keys hold the phase's settings,
-        ``DIRECT_PRETRAIN.PHASE`` set to ``phase`` and ``OUTPUT_DIR`` set to the phase folder.
-    """
-    node = cfg.DIRECT_PRETRAIN[phase]
-    validate_phase(phase, node)
-    out = cfg.clone()
-    out.defrost()
-    out.DIRECT_PRETRAIN.PHASE = phase
-    out.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, phase.lower())
-    for key, d2_key in _DIRECT_KEYS.items():
-        _set(out, d2_key, node[key])
-    for d2_key in _HEAD_NORM_KEYS:
-        _set(out, d2_key, node.HEAD_NORM)
-    out.INPUT.RANDOM_FLIP = "horizontal" if node.RANDOM_FLIP else "none"
-    out.INPUT.CROP.ENABLED = False  # the phase's AUGMENTATION decides about cropping
-    out.SOLVER.MAX_ITER, out.SOLVER.STEPS = schedule(node, num_train_images)
-    out.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
-    out.SOLVER.AMP.ENABLED = node.AMP
-    if node.INIT == "scratch":
-        out.MODEL.WEIGHTS = ""
-    phase_kind(phase).adapt_config(out)  # e.g. AlignDet's box-domain model
-    _adapt_to_device(out)
-    out.freeze()
-    return out
-
-
-def _adapt_to_device(cfg: CfgNode) -> None:
-    """Run a GPU config on a CPU-only machine without editing it."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    if cfg.MODEL.DEVICE == "cpu":
-        if cfg.SOLVER.AMP.ENABLED:
-            logger.info("Mixed precision is GPU-only; training in fp32 on CPU.")
-            cfg.SOLVER.AMP.ENABLED = False
-        for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", *_HEAD_NORM_KEYS):
-            node, leaf = _parent(cfg, key)
-            if node[leaf] == "SyncBN":  # torch's SyncBatchNorm refuses CPU tensors
-                node[leaf] = "naiveSyncBN"

@@ -6,8 +6,9 @@ complete checkpoint. A phase folder remembers the config it was started with and
 of its datasets, and a rerun with a config or data that would change its result is refused,
 naming the keys or datasets. Every phase says in the log whether it is skipped, started,
 resumed or bridged. Works the same for
-yacs and LazyConfig configs (:mod:`.kinds`) and with any number of processes (only the main
-process writes files; the others wait for it).
+yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
+main process writes files; the others wait for it). Each phase's settings come from
+:func:`direct_pretrain.phases.resolve_phase`, through the config system.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from detectron2.utils import comm
 
-from .bridge import bridge_checkpoint, load_model_state
+from .bridge import bridge_checkpoint, load_model_state, load_weights_strictly
+from .config_systems import ConfigSystem, system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
-from .evaluation import load_weights_strictly, predictor
-from .kinds import ConfigKind, kind_of
-from .phase_kinds import config_key_applies, phase_kind
-from .phases import active_phases, phase_node
-from .predict.run import export_for_prediction
+from .engine import build_trainer, evaluate
+from .phase_kinds import config_key_applies
+from .phases import Phase, active_phases
+from .predictor import Predictor
 from .preflight import (
     check_num_classes,
     check_weights_used,
@@ -37,6 +37,16 @@ from .preflight import (
     warn_unused_datasets,
 )
 from .report import write_report
+from .run_folder import (
+    BRIDGED_FILE,
+    DONE_FILE,
+    PHASE_CONFIG_FILE,
+    PHASE_KEYS_FILE,
+    SUMMARY_FILE,
+    export_for_prediction,
+    read_done,
+    saved_pixel_stats,
+)
 from .utils.dist import build_on_main
 from .utils.io import (
     atomic_torch_save,
@@ -45,21 +55,10 @@ from .utils.io import (
     remove_partial_files,
 )
 
-__all__ = [
-    "PhaseStateError",
-    "evaluate_weights",
-    "prepare_config",
-    "run_pipeline",
-    "saved_pixel_stats",
-]
+__all__ = ["PhaseStateError", "evaluate_weights", "prepare_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-DONE_FILE = "phase_done.json"
-PHASE_CONFIG_FILE = "phase_config.yaml"
-PHASE_KEYS_FILE = "phase_keys.json"
-BRIDGED_FILE = "bridged_init.pth"
-SUMMARY_FILE = "summary.json"
 # Phase keys that may change between a run and its resume (speed and bookkeeping only).
 PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 # Phase-key prefix of the dataset fingerprints a phase folder remembers.
@@ -81,48 +80,50 @@ def prepare_config(cfg, eval_only: bool = False):
         The config, with the model's pixel mean/std computed from the training set if
         ``DIRECT_PRETRAIN.PIXEL_STATS`` is "dataset", and the number of training images.
     """
-    kind = kind_of(cfg)
-    kind.check(cfg)
+    system = system_of(cfg)
+    system.check(cfg)
     node = cfg.DIRECT_PRETRAIN
     for key, allowed in (("PIXEL_STATS", ("config", "dataset")), ("BAD_IMAGES", ("stop", "skip"))):
         if node[key] not in allowed:
             raise ValueError(
                 f"DIRECT_PRETRAIN.{key} = '{node[key]}' is not one of {', '.join(allowed)}"
             )
-    device = kind.device(cfg)
+    device = system.device(cfg)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("%s = %s, but no GPU is available: running on CPU.", kind.device_key, device)
-    train_names, test_names = kind.split_names(cfg)
+        logger.warning(
+            "%s = %s, but no GPU is available: running on CPU.", system.device_key, device
+        )
+    train_names, test_names = system.split_names(cfg)
     if eval_only:
         train_names = []
     names = [*train_names, *test_names]
     if comm.is_main_process():
-        ensure_writable_dir(kind.output_dir(cfg))
+        ensure_writable_dir(system.output_dir(cfg))
     build_on_main(lambda: register_named_datasets(node, names), "registering the datasets")
     if comm.is_main_process():
-        warn_unused_datasets(node, kind.dataset_names(cfg))
-    check_num_classes(kind.num_classes(cfg), train_names or test_names[:1], test_names)
+        warn_unused_datasets(node, system.dataset_names(cfg))
+    check_num_classes(system.num_classes(cfg), train_names or test_names[:1], test_names)
     if eval_only:
         return cfg, 1
-    dicts = kind.train_dicts(cfg)
+    dicts = system.train_dicts(cfg)
     if node.PIXEL_STATS == "dataset":
         mean, std = build_on_main(
             lambda: dataset_pixel_stats(
                 [d["file_name"] for d in dicts],
-                kind.image_format(cfg),
+                system.image_format(cfg),
                 node.PIXEL_STATS_MAX_IMAGES,
                 cache_dir(node),
                 skip_bad=node.BAD_IMAGES == "skip",
             ),
             "pixel statistics",
         )
-        cfg = kind.with_pixel_stats(cfg, mean, std)
+        cfg = system.with_pixel_stats(cfg, mean, std)
     return cfg, len(dicts)
 
 
-def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
+def _result_keys(system: ConfigSystem, flat: dict, phase: str) -> dict:
     """The config keys that determine a phase's result (other phases' nodes left out)."""
-    safe = {*kind.resume_safe_keys, *(f"DIRECT_PRETRAIN.{phase}.{k}" for k in PHASE_SAFE_KEYS)}
+    safe = {*system.resume_safe_keys, *(f"DIRECT_PRETRAIN.{phase}.{k}" for k in PHASE_SAFE_KEYS)}
     return {
         k: v
         for k, v in flat.items()
@@ -132,15 +133,15 @@ def _result_keys(kind: ConfigKind, flat: dict, phase: str) -> dict:
     }
 
 
-def _check_same_config(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> None:
+def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str]) -> None:
     """Refuse to continue a phase folder started with a config or data that change the result."""
-    saved = Path(kind.output_dir(pcfg)) / PHASE_KEYS_FILE
+    saved = Path(system.output_dir(pcfg)) / PHASE_KEYS_FILE
     if not saved.is_file():
         return
     phase = pcfg.DIRECT_PRETRAIN.PHASE
     saved_keys = json.loads(saved.read_text())
-    before = _result_keys(kind, saved_keys, phase)
-    now = _result_keys(kind, _phase_keys(kind, pcfg, fingerprints), phase)
+    before = _result_keys(system, saved_keys, phase)
+    now = _result_keys(system, _phase_keys(system, pcfg, fingerprints), phase)
     if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # a run from before fingerprints
         now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -157,15 +158,15 @@ def _check_same_config(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> 
         reasons.append(f"it was started with another config ({details})")
     if reasons:
         raise PhaseStateError(
-            f"{kind.output_dir(pcfg)} holds a run of phase {phase} that this command cannot "
+            f"{system.output_dir(pcfg)} holds a run of phase {phase} that this command cannot "
             f"continue: {'; '.join(reasons)}. Use a new OUTPUT_DIR, or delete that folder to "
             "restart the phase."
         )
 
 
-def _phase_keys(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
+def _phase_keys(system: ConfigSystem, pcfg, fingerprints: dict[str, str]) -> dict:
     """What a phase folder remembers: its flat config and the fingerprints of its datasets."""
-    flat = json.loads(json.dumps(kind.flat(pcfg)))
+    flat = json.loads(json.dumps(system.flat(pcfg)))
     return {**flat, **{DATA_PREFIX + name: digest for name, digest in fingerprints.items()}}
 
 
@@ -188,12 +189,7 @@ def _forget_attempt_without_checkpoint(folder: Path, phase: str) -> None:
             f.unlink()
 
 
-def _read_done(folder: str) -> dict | None:
-    path = Path(folder) / DONE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
+def _previous_phase(system: ConfigSystem, cfg, phase: str) -> tuple[str, str]:
     """The phase before ``phase`` in PIPELINE (which must be finished) and its final model."""
     pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = pipeline.index(phase) if phase in pipeline else 0
@@ -203,7 +199,7 @@ def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
             "DIRECT_PRETRAIN.PIPELINE; add that phase or change INIT"
         )
     previous = pipeline[index - 1]
-    done = _read_done(os.path.join(kind.output_dir(cfg), previous.lower()))
+    done = read_done(os.path.join(system.output_dir(cfg), previous.lower()))
     if done is None:
         raise PhaseStateError(
             f"phase {phase} starts from phase {previous}, which has not " "finished: run it first"
@@ -211,49 +207,54 @@ def _previous_phase(kind: ConfigKind, cfg, phase: str) -> tuple[str, str]:
     return previous, done["final_model"]
 
 
-def _bridge_into(kind: ConfigKind, cfg, pcfg) -> None:
-    """Bridge the previous phase's final model into phase ``pcfg`` (once), at its weights."""
-    target_file = kind.weights(pcfg)
-    phase = pcfg.DIRECT_PRETRAIN.PHASE
+def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int) -> None:
+    """Bridge the previous phase's final model into ``phase`` (once), at its weights.
+
+    The target model is built on CPU here only to take the checkpoint's shapes; the trainer
+    builds its own afterwards. Writing the bridged file first (atomically) is what lets a
+    rerun resume without bridging again.
+    """
+    target_file = system.weights(pcfg)
     if comm.is_main_process() and os.path.isfile(target_file):
         logger.info("Phase %s: starts from the bridged weights %s", phase, target_file)
     elif comm.is_main_process():
-        previous, source = _previous_phase(kind, cfg, phase)
+        previous, source = _previous_phase(system, cfg, phase.NAME)
         logger.info(
             "Phase %s: bridging the final model of phase %s (%s) into %s",
-            phase,
+            phase.NAME,
             previous,
             source,
             target_file,
         )
+        source_phase = system.resolve(cfg, previous)
+        source_cfg = system.phase_config(cfg, source_phase, num_images)
         bridge_checkpoint(
             source,
-            kind.build_model(pcfg, on_cpu=True),
+            system.build_model(pcfg, on_cpu=True),
             target_file,
             reinit_on_class_change=pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE,
-            drop=phase_kind(previous).transfer_drop(pcfg),
-            select=phase_node(pcfg).INIT_KEYS,
+            drop=source_phase.KIND.transfer_drop(source_cfg, pcfg),
+            select=phase.INIT_KEYS,
         )
     comm.synchronize()
 
 
-def _run_phase(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
+def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str, str]) -> dict:
     """Train (or resume) one phase, evaluate it and mark it done; return its record."""
-    phase = pcfg.DIRECT_PRETRAIN.PHASE
-    out = Path(kind.output_dir(pcfg))
+    out = Path(system.output_dir(pcfg))
     if comm.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         removed = remove_partial_files(out)
         if removed:
             logger.info("Removed partial files of an interrupted run: %s", removed)
-        kind.save(pcfg, str(out / PHASE_CONFIG_FILE))
-        atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(kind, pcfg, fingerprints))
-    trainer = kind.trainer(pcfg)
+        system.save(pcfg, str(out / PHASE_CONFIG_FILE))
+        atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(system, pcfg, fingerprints))
+    trainer = build_trainer(pcfg)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(
             "Phase %s: resuming at iteration %d of %d (%s)",
-            phase,
+            phase.NAME,
             trainer.start_iter,
             trainer.max_iter,
             out,
@@ -261,9 +262,9 @@ def _run_phase(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
     else:
         logger.info(
             "Phase %s: starting, %d iterations of %d images (%s)",
-            phase,
+            phase.NAME,
             trainer.max_iter,
-            phase_node(pcfg).IMS_PER_BATCH,
+            phase.IMS_PER_BATCH,
             out,
         )
     try:
@@ -271,15 +272,15 @@ def _run_phase(kind: ConfigKind, pcfg, fingerprints: dict[str, str]) -> dict:
     except FloatingPointError as e:
         last = trainer.checkpointer.get_checkpoint_file() or "none (from the start)"
         raise FloatingPointError(
-            f"phase {phase}: training diverged at iteration {trainer.iter} ({e}). Last good "
+            f"phase {phase.NAME}: training diverged at iteration {trainer.iter} ({e}). Last good "
             f"checkpoint: {last}. Rerunning resumes from it (the data order differs after a "
             "resume); if it diverges again, lower the phase's BASE_LR or raise WARMUP_ITERS "
             f"and restart the phase by deleting {out}."
         ) from e
     record = {
-        "phase": phase,
+        "phase": phase.NAME,
         "iterations": trainer.max_iter,
-        "ims_per_batch": phase_node(pcfg).IMS_PER_BATCH,
+        "ims_per_batch": phase.IMS_PER_BATCH,
         "results": trainer.eval_results,
         "eval_history": trainer.timer.history,
         "wall_seconds": round(trainer.timer.seconds, 1),
@@ -314,75 +315,84 @@ def run_pipeline(cfg) -> dict:
     "previous" starts from the previous phase's final model through the bridge.
     """
     start = time.perf_counter()
-    kind = kind_of(cfg)
-    check_weights_used(cfg, kind.weights_key, kind.weights(cfg))
+    system = system_of(cfg)
+    check_weights_used(cfg, system.weights_key, system.weights(cfg))
     cfg, num_images = prepare_config(cfg)
-    fingerprints = dataset_fingerprints(kind.dataset_names(cfg))
+    fingerprints = dataset_fingerprints(system.dataset_names(cfg))
     if comm.is_main_process():
-        kind.save_pipeline(cfg, os.path.join(kind.output_dir(cfg), "config.yaml"))
-    summary = {"output_dir": kind.output_dir(cfg), "device": None, "phases": {}}
+        system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), "config.yaml"))
+    summary = {"output_dir": system.output_dir(cfg), "device": None, "phases": {}}
     records = {}
-    for phase in active_phases(cfg):
-        pcfg = kind.phase_config(cfg, phase, num_images)
-        summary["device"] = kind.device(pcfg)
-        from_previous = phase_node(pcfg).INIT == "previous"
+    for name in active_phases(cfg):
+        phase = system.resolve(cfg, name)
+        pcfg = system.phase_config(cfg, phase, num_images)
+        summary["device"] = phase.DEVICE
+        from_previous = phase.INIT == "previous"
         if from_previous:
-            pcfg = kind.with_weights(pcfg, os.path.join(kind.output_dir(pcfg), BRIDGED_FILE))
+            pcfg = system.with_weights(pcfg, os.path.join(system.output_dir(pcfg), BRIDGED_FILE))
         if comm.is_main_process():
-            _forget_attempt_without_checkpoint(Path(kind.output_dir(pcfg)), phase)
+            _forget_attempt_without_checkpoint(Path(system.output_dir(pcfg)), name)
         comm.synchronize()
-        if not from_previous:  # e.g. AlignDet converts a torchvision/MoCo backbone
-            pcfg = phase_kind(phase).prepare_weights(pcfg)
-        _check_same_config(kind, pcfg, fingerprints)
-        record = _read_done(kind.output_dir(pcfg))
+        if phase.INIT == "weights":  # e.g. AlignDet converts a torchvision/MoCo backbone
+            pcfg = phase.KIND.prepare_weights(pcfg)
+        _check_same_config(system, pcfg, fingerprints)
+        record = read_done(system.output_dir(pcfg))
         if record is not None:
             logger.info(
                 "Phase %s: already finished in %s (%s); skipping it.",
-                phase,
-                kind.output_dir(pcfg),
+                name,
+                system.output_dir(pcfg),
                 _ap_text(record),
             )
         else:
             if from_previous:
-                _bridge_into(kind, cfg, pcfg)
-            record = _run_phase(kind, pcfg, fingerprints)
+                _bridge_into(system, cfg, phase, pcfg, num_images)
+            record = _run_phase(system, phase, pcfg, fingerprints)
         final_model = record["final_model"]
-        records[phase] = record
-        summary["phases"][phase] = {
+        records[name] = record
+        summary["phases"][name] = {
             **_bbox(record),
             "wall_seconds": record["wall_seconds"],
             "eval_seconds": record["eval_seconds"],
             "iterations": record["iterations"],
             "ims_per_batch": record["ims_per_batch"],
         }
-    summary["final_model"] = os.path.join(kind.output_dir(cfg), "model_final.pth")
+    summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
-        mean, std = kind.pixel_stats(cfg)
+        mean, std = system.pixel_stats(cfg)
         atomic_torch_save(
             {"model": load_model_state(final_model), "pixel_mean": mean, "pixel_std": std},
             summary["final_model"],
         )
-        export_for_prediction(pcfg, kind.output_dir(cfg))
-        atomic_write_json(os.path.join(kind.output_dir(cfg), SUMMARY_FILE), summary)
-        _report(kind, kind.output_dir(cfg), pcfg, summary, records)
+        export_for_prediction(pcfg, system.output_dir(cfg))
+        atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
+        _report(system, system.output_dir(cfg), phase, pcfg, summary, records)
     comm.synchronize()
     return summary
 
 
-def _report(kind: ConfigKind, output_dir: str, pcfg, summary: dict, records: dict) -> None:
+def _report(
+    system: ConfigSystem, output_dir: str, phase: Phase, pcfg, summary: dict, records: dict
+) -> None:
     """Write the run's report; a failure is logged, never fatal (the results are saved)."""
     try:
         predict = None
-        if phase_kind(pcfg.DIRECT_PRETRAIN.PHASE).evaluates:  # a detector
-            predict = predictor(kind, pcfg, summary["final_model"])
+        if phase.KIND.evaluates:  # a detector
+            predictor = Predictor(system.with_weights(pcfg, summary["final_model"]))
+            rgb = system.image_format(pcfg) == "RGB"
+
+            def predict(image):  # in the config's format, as the report reads images
+                bgr = image[:, :, ::-1] if rgb else image
+                return predictor(bgr)["instances"].to("cpu")
+
         write_report(
             output_dir,
             summary,
             records,
             predict,
-            kind.dataset_names(pcfg)[-1],
-            kind.image_format(pcfg),
+            system.dataset_names(pcfg)[-1],
+            system.image_format(pcfg),
         )
     except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
         logger.exception("Could not write the report; the results above are saved.")
@@ -396,7 +406,7 @@ def evaluate_weights(cfg, weights: str) -> dict:
     """
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights '{weights}' not found")
-    kind = kind_of(cfg)
+    system = system_of(cfg)
     cfg, num_images = prepare_config(cfg, eval_only=True)
     if cfg.DIRECT_PRETRAIN.PIXEL_STATS == "dataset":
         saved = saved_pixel_stats(weights)
@@ -409,25 +419,8 @@ def evaluate_weights(cfg, weights: str) -> dict:
             cfg, num_images = prepare_config(cfg)
         else:
             logger.info("Pixel statistics saved with %s: mean %s, std %s", weights, *saved)
-            cfg = kind.with_pixel_stats(cfg, *saved)
-    pcfg = kind.phase_config(cfg, active_phases(cfg)[-1], num_images)
-    model = kind.build_model(pcfg)
+            cfg = system.with_pixel_stats(cfg, *saved)
+    pcfg = system.phase_config(cfg, system.resolve(cfg, active_phases(cfg)[-1]), num_images)
+    model = system.build_model(pcfg)
     load_weights_strictly(model, weights)
-    return kind.evaluate(pcfg, model)
-
-
-def saved_pixel_stats(weights: str) -> tuple[list[float], list[float]] | None:
-    """Pixel mean and std saved with a run's final model, or in the ``phase_config.yaml``
-    beside a phase's checkpoint; None if neither has them."""
-    ckpt = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
-    if isinstance(ckpt, dict) and "pixel_mean" in ckpt:
-        return list(ckpt["pixel_mean"]), list(ckpt["pixel_std"])
-    phase_file = Path(weights).parent / PHASE_CONFIG_FILE
-    if phase_file.is_file():
-        tree = yaml.safe_load(phase_file.read_text())
-        model = tree.get("MODEL") or tree.get("model") or {}
-        mean = model.get("PIXEL_MEAN", model.get("pixel_mean"))
-        std = model.get("PIXEL_STD", model.get("pixel_std"))
-        if mean and std:
-            return list(mean), list(std)
-    return None
+    return evaluate(pcfg, model)

@@ -10,7 +10,8 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .phases import PhaseConfigError, active_phases
+from .phase_kinds import PhaseConfigError
+from .phases import active_phases
 
 __all__ = [
     "check_num_classes",

@@ -5,7 +5,7 @@ The node's defaults are the paper's COCO recipe (pre-train: 448 scale jitter + c
 FrozenBN, batch 16, LR 0.02, 1x); the public fine-tuning configs also freeze stem + res2.
 """
 
-from direct_pretrain.lazy import default_direct_pretrain
+from direct_pretrain.config import default_direct_pretrain
 
 DIRECT_PRETRAIN = default_direct_pretrain()
 DIRECT_PRETRAIN["FINETUNE"].update(FREEZE_AT=2, WARMUP_ITERS=500)

@@ -16,13 +16,15 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
+from detectron2.modeling import build_model
 
 from ..bridge import BridgeError, bridge_state_dict
 from ..data.datasets import cache_dir
-from ..phase_kinds import PhaseKind, register_phase_kind
+from ..phase_kinds import PhaseConfigError, PhaseKind, register_phase_kind
 from ..utils.dist import build_on_main
 from ..utils.io import atomic_torch_save, atomic_write_json
 from .backbone_init import convert_resnet_state, is_torchvision_resnet
+from .config import add_aligndet_config
 from .losses import EMAHook
 from .proposals import load_proposals
 from .views import TwoViewMapper
@@ -51,15 +53,15 @@ FPN_NORM_DEPENDENT = r"^backbone\.fpn_(lateral|output)\d+\.(norm\.|bias$)"
 INIT_FILE = "converted_backbone_init.pth"
 
 
-def transfer_drop(next_cfg: CfgNode) -> tuple[str, ...]:
+def transfer_drop(box_domain_cfg: CfgNode, next_cfg: CfgNode) -> tuple[str, ...]:
     """Key patterns the bridge re-initialises when the next phase starts from box domain:
     the prediction layers, the mask head, and the FPN norms (or biases) when the next phase's
-    FPN norm differs (the public box domain has none; its fine-tuning SyncBN)."""
+    FPN norm differs (the public box domain has none; its fine-tuning SyncBN). Both arguments
+    are resolved phase configs."""
     arch = next_cfg.MODEL.META_ARCHITECTURE
     keep = next_cfg.ALIGNDET.KEEP_PREDICTORS
     drop = NOT_PRETRAINED.get(arch, ()) + (() if keep else PREDICTORS.get(arch, ()))
-    node = next_cfg.DIRECT_PRETRAIN
-    if node[PHASE].FPN_NORM != node[node.PHASE].FPN_NORM:
+    if box_domain_cfg.MODEL.FPN.NORM != next_cfg.MODEL.FPN.NORM:
         drop += (FPN_NORM_DEPENDENT,)
     return drop
 
@@ -89,8 +91,6 @@ def _init_key(cfg: CfgNode) -> str:
 def _convert_init(cfg: CfgNode, output: str, report_file: str, key: str) -> None:
     """Write MODEL.WEIGHTS's backbone body (converted from torchvision names if needed) with
     the rest of the box-domain model freshly initialised to ``output``, and a key report."""
-    from ..trainer import DirectPretrainTrainer  # the trainer imports this package
-
     path = cfg.MODEL.WEIGHTS
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -107,7 +107,7 @@ def _convert_init(cfg: CfgNode, output: str, report_file: str, key: str) -> None
     else:
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
         source_state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = DirectPretrainTrainer.build_model(cfg.clone()).cpu()
+    model = build_model(cfg.clone()).cpu()
     state, report = bridge_state_dict(
         source_state, model, select=r"^backbone\.bottom_up\.", source_name=path
     )
@@ -138,10 +138,11 @@ class BoxDomainPhase(PhaseKind):
     supports_lazy = False
     config_prefixes = ("ALIGNDET.",)
 
+    def add_config(self, cfg: CfgNode, new_phase_node) -> None:
+        add_aligndet_config(cfg, new_phase_node)
+
     def adapt_config(self, cfg: CfgNode) -> None:
         """Swap the detector for its box-domain wrapper (no mask head)."""
-        from ..phases import PhaseConfigError  # phases imports the kinds' registry
-
         arch = cfg.MODEL.META_ARCHITECTURE
         if arch not in BOX_DOMAIN_ARCHS:
             raise PhaseConfigError(
@@ -166,10 +167,9 @@ class BoxDomainPhase(PhaseKind):
         return [EMAHook(cfg.ALIGNDET.MOMENTUM)]
 
     def prepare_weights(self, cfg: CfgNode) -> CfgNode:
-        """With INIT "weights": the backbone body of MODEL.WEIGHTS (a Detectron2 checkpoint,
-        or a torchvision/MoCo-style ResNet ``.pth``, converted) as a box-domain checkpoint."""
-        node = cfg.DIRECT_PRETRAIN[PHASE]
-        if node.INIT != "weights" or cfg.MODEL.WEIGHTS.endswith(".pkl"):
+        """The backbone body of MODEL.WEIGHTS (a Detectron2 checkpoint, or a torchvision/MoCo-
+        style ResNet ``.pth``, converted) as a box-domain checkpoint."""
+        if cfg.MODEL.WEIGHTS.endswith(".pkl"):
             return cfg  # .pkl (Detectron2/Caffe2 model zoo): Detectron2 converts it
         output = os.path.join(cfg.OUTPUT_DIR, INIT_FILE)
         report = output.replace(".pth", "_report.json")
@@ -189,8 +189,8 @@ class BoxDomainPhase(PhaseKind):
         out.freeze()
         return out
 
-    def transfer_drop(self, next_cfg: CfgNode) -> tuple[str, ...]:
-        return transfer_drop(next_cfg)
+    def transfer_drop(self, own_cfg: CfgNode, next_cfg: CfgNode) -> tuple[str, ...]:
+        return transfer_drop(own_cfg, next_cfg)
 
 
 register_phase_kind(PHASE, BoxDomainPhase())

@@ -4,17 +4,11 @@
 it); ``predict.py`` at the repository root runs it on image files, folders and globs.
 """
 
+from ..predictor import Predictor, inference_size
+from ..run_folder import ClassInfo, class_info
 from .evaluate import coco_box_ap
 from .images import list_images, predict_images
-from .run import (
-    ClassInfo,
-    Predictor,
-    class_info,
-    export_for_prediction,
-    inference_size,
-    load_predict_config,
-    load_run,
-)
+from .run import load_predict_config, load_run
 from .tiling import merge_tile_predictions, overlap_pixels, predict_tiled, tile_windows
 from .writers import OUTPUTS, PredictionWriter
 
@@ -25,7 +19,6 @@ __all__ = [
     "Predictor",
     "class_info",
     "coco_box_ap",
-    "export_for_prediction",
     "inference_size",
     "list_images",
     "load_predict_config",

@@ -23,8 +23,8 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
+from ..run_folder import ClassInfo
 from ..utils.io import atomic_write_json, atomic_write_text
-from .run import ClassInfo
 
 __all__ = ["OUTPUTS", "PredictionWriter"]
 

@@ -21,15 +21,16 @@ class MainProcessError(RuntimeError):
     """A dataset-wide pass failed on the main process; raised on the other processes."""
 
 
-def build_on_main(fn: Callable[[], T], what: str) -> T:
+def build_on_main(fn: Callable[[], T], what: str, others_too: bool = True) -> T:
     """Run ``fn`` on the main process first, then on the others (which read its cache).
 
     Args:
         fn: the pass; it must be cheap the second time (cached by content).
         what: a few words naming the pass, for the error raised on the other processes.
+        others_too: False runs ``fn`` on the main process only (the others return None).
 
     Returns:
-        ``fn()`` on every process.
+        ``fn()`` on every process (with ``others_too``).
 
     Raises:
         Whatever ``fn`` raised, on the main process; :class:`MainProcessError` with that
@@ -49,4 +50,6 @@ def build_on_main(fn: Callable[[], T], what: str) -> T:
         raise error
     if messages[0] is not None:
         raise MainProcessError(f"{what} failed on the main process: {messages[0]}")
-    return result if comm.is_main_process() else fn()
+    if comm.is_main_process() or not others_too:
+        return result
+    return fn()

@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
-from .data.images import BadImageError
+from .images import BadImageError
 
 __all__ = ["CheckedCOCOEvaluator"]
 

@@ -1,0 +1,141 @@
+"""``DirectPretrainTrainer``: Detectron2's DefaultTrainer with per-phase data, model and solver.
+
+It is built from a resolved phase config (:func:`direct_pretrain.config_systems.phase_config`),
+whose Detectron2 keys already hold the phase's norms, sizes and schedule, and reads the rest
+from the phase's :class:`~direct_pretrain.phases.Phase`: the resize augmentation (also used by
+PreciseBN, which builds its own train loader), the optimizer, the low-resolution cache and the
+phase's hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from functools import partial
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (
+    DatasetFromList,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.solver import build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+
+from ..checkpoint import SafeCheckpointer
+from ..config_systems import YacsSystem, training_dicts
+from ..data.coco_evaluator import CheckedCOCOEvaluator
+from ..data.datasets import cache_dir
+from ..data.mapper import CheckedDatasetMapper, WithoutSkipped
+from ..data.resized_cache import maybe_resized
+from ..modeling import NO_DECAY_PARAMS
+from ..utils.dist import build_on_main
+from ..utils.env import has_cpp_ops
+from .hooks import PhaseTimer, phase_hooks
+
+__all__ = ["DirectPretrainTrainer", "build_train_augmentations", "phase_training_dicts"]
+
+
+def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
+    """The training augmentations of the phase ``cfg`` belongs to."""
+    return YacsSystem().phase(cfg).augmentations(cfg.MODEL.PIXEL_MEAN)
+
+
+def phase_training_dicts(cfg: CfgNode) -> list[dict]:
+    """The training set of the phase: from the low-resolution cache if the phase uses one
+    (built by the main process while the others wait)."""
+    dicts = training_dicts(cfg)
+    phase, cache = YacsSystem().phase(cfg), cache_dir(cfg.DIRECT_PRETRAIN)
+    skip_bad = cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip"
+    return build_on_main(
+        lambda: maybe_resized(dicts, phase, cache, skip_bad, cfg.DATALOADER.NUM_WORKERS),
+        "the low-resolution cache",
+    )
+
+
+class DirectPretrainTrainer(DefaultTrainer):
+    """DefaultTrainer whose model, loader and optimizer follow the config's current phase."""
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        return YacsSystem().build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        loader = YacsSystem().phase(cfg).KIND.build_train_loader(cfg)
+        if loader is not None:  # e.g. AlignDet's two-view box-domain loader
+            return loader
+        dataset = DatasetFromList(phase_training_dicts(cfg), copy=False)
+        mapper = CheckedDatasetMapper(
+            cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
+        )
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        mapper = CheckedDatasetMapper(cfg, is_train=False)
+        return WithoutSkipped(build_detection_test_loader(cfg, dataset_name, mapper=mapper))
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if YacsSystem().phase(cfg).OPTIMIZER == "SGD":
+            return build_optimizer(cfg, model)
+        # Detectron2's build_optimizer is SGD only; its parameter groups serve AdamW too.
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            overrides={name: {"weight_decay": 0.0} for name in NO_DECAY_PARAMS},
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        tasks = (
+            ("bbox",)
+            + (("segm",) if cfg.MODEL.MASK_ON else ())
+            + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+        )
+        return CheckedCOCOEvaluator(
+            dataset_name,
+            tasks=tasks,
+            output_dir=output_folder,
+            use_fast_impl=has_cpp_ops(),
+            skip_bad_images=cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip",
+        )
+
+    def build_hooks(self):
+        """Detectron2's default hooks, with atomic checkpoints on every process, a resumable
+        timer, the phase's hooks and evaluation recorded by the timer."""
+        self.checkpointer = SafeCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.timer = PhaseTimer()
+        self.eval_results: dict = {}
+        phase = YacsSystem().phase(self.cfg)
+        default = super().build_hooks()
+        if not comm.is_main_process():  # SafeCheckpointer.save is collective: see there
+            at = next(i for i, h in enumerate(default) if isinstance(h, hooks.EvalHook))
+            checkpoint_period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+            default.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, checkpoint_period))
+        if not phase.KIND.evaluates:  # e.g. AlignDet's box-domain model has no classifier
+            default = [h for h in default if not isinstance(h, hooks.EvalHook)]
+        return [self.timer, *phase_hooks(self.cfg, phase)] + [
+            (
+                hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
+                if isinstance(h, hooks.EvalHook)
+                else h
+            )
+            for h in default
+        ]
+
+    def _evaluate(self) -> dict:
+        run = partial(self.test, self.cfg, self.model)
+        self.eval_results = self.timer.evaluate(run, min(self.iter + 1, self.max_iter))
+        return self.eval_results

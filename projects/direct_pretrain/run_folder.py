@@ -1,0 +1,192 @@
+"""The run folder: its file names, what they hold, and what a finished run leaves for prediction.
+
+A run folder (``OUTPUT_DIR``) holds one folder per phase (``<phase>/phase_done.json`` once the
+phase has finished, its ``phase_config.yaml`` and ``phase_keys.json``), ``model_final.pth``,
+``summary.json``, and for prediction ``config_predict.yaml`` (a plain Detectron2 config of the
+final model) and ``classes.json`` (class names and dataset category ids), so that prediction
+needs neither the training set nor a registered dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from detectron2.config import CfgNode
+from detectron2.config import get_cfg as d2_get_cfg
+from detectron2.data import MetadataCatalog
+
+from .config_systems import system_of
+from .utils.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "BRIDGED_FILE",
+    "CLASSES_FILE",
+    "DONE_FILE",
+    "FINAL_MODEL",
+    "PHASE_CONFIG_FILE",
+    "PHASE_KEYS_FILE",
+    "PREDICT_CONFIG_FILE",
+    "SUMMARY_FILE",
+    "ClassInfo",
+    "class_info",
+    "export_for_prediction",
+    "last_phase_config",
+    "read_done",
+    "saved_pixel_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+# In a phase folder: the record of a finished phase, the config it ran with, the flat config
+# and data fingerprints it remembers, and the bridged initial weights.
+DONE_FILE = "phase_done.json"
+PHASE_CONFIG_FILE = "phase_config.yaml"
+PHASE_KEYS_FILE = "phase_keys.json"
+BRIDGED_FILE = "bridged_init.pth"
+# In the run folder.
+SUMMARY_FILE = "summary.json"
+FINAL_MODEL = "model_final.pth"
+PREDICT_CONFIG_FILE = "config_predict.yaml"
+CLASSES_FILE = "classes.json"
+# Project keys a model needs at inference, by what selects them (others are training-only).
+_MODEL_NODES = {
+    "FCOS": lambda cfg: cfg.MODEL.META_ARCHITECTURE == "FCOSDetector",
+    "SWIN": lambda cfg: cfg.MODEL.BACKBONE.NAME == "build_swin_fpn_backbone",
+}
+
+
+def read_done(folder: str | os.PathLike) -> dict | None:
+    """The record of a finished phase in its ``folder``, or None if it has not finished."""
+    path = Path(folder) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Class names and dataset category ids, indexed by the model's class index."""
+
+    names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
+
+    def name(self, index: int) -> str:
+        return self.names[index] if index < len(self.names) else str(index)
+
+    def category_id(self, index: int) -> int:
+        return self.category_ids[index] if index < len(self.category_ids) else index
+
+
+def _plain_config(cfg: CfgNode) -> CfgNode:
+    """``cfg`` without the keys Detectron2's own ``get_cfg()`` lacks, except the project
+    model nodes the model uses (FCOS, Swin)."""
+
+    def prune(node: CfgNode, reference: CfgNode) -> None:
+        for key in list(node.keys()):
+            if key not in reference:
+                del node[key]
+            elif isinstance(node[key], CfgNode) and isinstance(reference[key], CfgNode):
+                prune(node[key], reference[key])
+
+    out = cfg.clone()
+    out.defrost()
+    kept = {k: out.MODEL[k] for k, used in _MODEL_NODES.items() if k in out.MODEL and used(out)}
+    prune(out, d2_get_cfg())
+    for key, node in kept.items():
+        out.MODEL[key] = node
+    return out
+
+
+def export_for_prediction(pcfg, output_dir: str) -> None:
+    """Write ``config_predict.yaml`` (yacs runs) and ``classes.json`` into the run folder.
+
+    Args:
+        pcfg: the resolved config of the phase whose final model is
+            ``output_dir/model_final.pth`` (nothing is written for a phase whose model is not
+            a detector, e.g. AlignDet's BOX_DOMAIN).
+        output_dir: the run folder.
+    """
+    system = system_of(pcfg)
+    if not system.phase(pcfg).KIND.evaluates:
+        return
+    if isinstance(pcfg, CfgNode):
+        plain = _plain_config(pcfg)
+        plain.MODEL.WEIGHTS = os.path.abspath(os.path.join(output_dir, FINAL_MODEL))
+        plain.OUTPUT_DIR = os.path.abspath(output_dir)
+        atomic_write_text(os.path.join(output_dir, PREDICT_CONFIG_FILE), plain.dump())
+    dataset_name = system.split_names(pcfg)[0][0]
+    meta = MetadataCatalog.get(dataset_name)
+    names = meta.get("thing_classes", None)
+    if names is None:
+        logger.warning(
+            "Dataset '%s' has no thing_classes: predictions will name classes by index.",
+            dataset_name,
+        )
+        return
+    to_contiguous = meta.get("thing_dataset_id_to_contiguous_id", None) or {}
+    ids = {v: int(k) for k, v in to_contiguous.items()}
+    atomic_write_json(
+        os.path.join(output_dir, CLASSES_FILE),
+        {
+            "dataset": dataset_name,
+            "thing_classes": list(names),
+            "category_ids": [ids.get(i, i) for i in range(len(names))],
+        },
+    )
+
+
+def last_phase_config(run: Path) -> Path:
+    """The saved config of the phase that produced ``run/model_final.pth``."""
+    summary = run / SUMMARY_FILE
+    if not summary.is_file():
+        raise FileNotFoundError(
+            f"{summary} not found: '{run}' is not a finished run of train_net.py"
+        )
+    phases = list(json.loads(summary.read_text()).get("phases", {}))
+    if not phases:
+        raise ValueError(f"{summary} lists no phase")
+    return run / phases[-1].lower() / PHASE_CONFIG_FILE
+
+
+def saved_pixel_stats(weights: str) -> tuple[list[float], list[float]] | None:
+    """Pixel mean and std saved with a run's final model, or in the ``phase_config.yaml``
+    beside a phase's checkpoint; None if neither has them."""
+    ckpt = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
+    if isinstance(ckpt, dict) and "pixel_mean" in ckpt:
+        return list(ckpt["pixel_mean"]), list(ckpt["pixel_std"])
+    phase_file = Path(weights).parent / PHASE_CONFIG_FILE
+    if phase_file.is_file():
+        tree = yaml.safe_load(phase_file.read_text())
+        model = tree.get("MODEL") or tree.get("model") or {}
+        mean = model.get("PIXEL_MEAN", model.get("pixel_mean"))
+        std = model.get("PIXEL_STD", model.get("pixel_std"))
+        if mean and std:
+            return list(mean), list(std)
+    return None
+
+
+def class_info(cfg, folder: str | os.PathLike | None = None) -> ClassInfo:
+    """Class names and category ids: ``folder/classes.json`` (a run folder), else the metadata
+    of the config's training dataset if it is registered, else classes named by index."""
+    path = Path(folder) / CLASSES_FILE if folder is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        return ClassInfo(tuple(saved["thing_classes"]), tuple(saved["category_ids"]))
+    name = (system_of(cfg).split_names(cfg)[0] or [""])[0]
+    meta = MetadataCatalog.get(name) if name else None
+    names = meta.get("thing_classes", None) if meta is not None else None
+    if not names:
+        logger.warning(
+            "No %s in the run and no class names for dataset '%s': classes are named by "
+            "their index.",
+            CLASSES_FILE,
+            name,
+        )
+        return ClassInfo()
+    to_contiguous = meta.get("thing_dataset_id_to_contiguous_id", None) or {}
+    ids = {v: int(k) for k, v in to_contiguous.items()}
+    return ClassInfo(tuple(names), tuple(ids.get(i, i) for i in range(len(names))))
