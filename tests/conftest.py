@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -118,6 +120,17 @@ def write_config(cfg, path: Path) -> Path:
 
     system_of(cfg).save_pipeline(cfg, str(path))
     return path
+
+
+def train_net(config: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``train_net.py --config-file config`` as a user runs it, its output captured."""
+    return subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _shrink_yacs(cfg, output_dir: Path) -> None:

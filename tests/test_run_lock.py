@@ -15,7 +15,7 @@ import pytest
 
 from direct_pretrain.utils.lock import LOCK_FILE, RunLock, RunLockedError
 
-from conftest import ROOT, tiny_cfg, write_config
+from conftest import tiny_cfg, train_net, write_config
 
 HOLD = """
 import sys, time
@@ -63,13 +63,7 @@ def test_train_net_refuses_a_folder_in_use_at_once(synthetic_data, tmp_path):
     proc = _holder(tmp_path / "run")
     try:
         start = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, "train_net.py", "--config-file", str(config)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = train_net(config, timeout=300)
     finally:
         proc.kill()
         proc.wait()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from direct_pretrain.config_systems import lazy_phase_config, load_config
 from direct_pretrain.phases import PhaseConfigError
 from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
 
-from conftest import ROOT, tiny_cfg, write_config
+from conftest import ROOT, tiny_cfg, train_net, write_config
 
 DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml")
 LAZY_DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")
@@ -173,13 +171,7 @@ def test_train_net_shows_every_phase_on_the_console_and_in_log_txt(synthetic_dat
     config = write_config(cfg, tmp_path / "tiny.yaml")  # as a run's config.yaml: reusable
 
     def run(returncode: int = 0) -> str:
-        proc = subprocess.run(
-            [sys.executable, "train_net.py", "--config-file", str(config)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = train_net(config)
         assert proc.returncode == returncode, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 

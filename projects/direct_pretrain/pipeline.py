@@ -316,7 +316,8 @@ def run_pipeline(cfg) -> dict:
     """
     start = time.perf_counter()
     system = system_of(cfg)
-    check_weights_used(cfg, system.weights_key, system.weights(cfg))
+    phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
+    check_weights_used(phases, system.weights_key, system.weights(cfg))
     cfg, num_images = prepare_config(cfg)
     fingerprints = dataset_fingerprints(system.dataset_names(cfg))
     if comm.is_main_process():

@@ -11,7 +11,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .phase_kinds import PhaseConfigError
-from .phases import active_phases
+from .phases import Phase
 
 __all__ = [
     "check_num_classes",
@@ -64,13 +64,12 @@ def check_num_classes(
             )
 
 
-def check_weights_used(cfg, weights_key: str, weights: str) -> None:
+def check_weights_used(phases: list[Phase], weights_key: str, weights: str) -> None:
     """Refuse initial weights that no active phase would load (INIT is not "weights")."""
     if not weights:
         return
-    phases = active_phases(cfg)
-    if not any(cfg.DIRECT_PRETRAIN[p].INIT == "weights" for p in phases):
-        inits = ", ".join(f"{p}: {cfg.DIRECT_PRETRAIN[p].INIT}" for p in phases)
+    if not any(p.INIT == "weights" for p in phases):
+        inits = ", ".join(f"{p.NAME}: {p.INIT}" for p in phases)
         raise PhaseConfigError(
             f"{weights_key} = '{weights}' would be ignored: no phase starts from it ({inits}). "
             f"Set DIRECT_PRETRAIN.<PHASE>.INIT weights for the phase that should, or set "

@@ -9,13 +9,13 @@ from detectron2.config import CfgNode as CN
 __all__ = ["add_aligndet_config"]
 
 
-def add_aligndet_config(cfg: CN, phase_node: Callable[..., CN]) -> None:
-    """Add the ``DIRECT_PRETRAIN.BOX_DOMAIN`` phase node (made by ``phase_node``) and
+def add_aligndet_config(cfg: CN, new_phase_node: Callable[..., CN]) -> None:
+    """Add the ``DIRECT_PRETRAIN.BOX_DOMAIN`` phase node (made by ``new_phase_node``) and
     ``ALIGNDET``: pseudo-boxes, the two views and the box-domain losses."""
     # Box-domain pre-training: by default only the backbone body comes from the previous
     # (image-domain) phase and stays frozen; FPN, RPN and heads learn from pseudo-boxes. With
     # INIT "weights", MODEL.WEIGHTS may be a torchvision- or MoCo-style ResNet checkpoint.
-    cfg.DIRECT_PRETRAIN.BOX_DOMAIN = phase_node(
+    cfg.DIRECT_PRETRAIN.BOX_DOMAIN = new_phase_node(
         INIT="previous",
         INIT_KEYS=r"^backbone\.bottom_up\.",
         BACKBONE_NORM="FrozenBN",
