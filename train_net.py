@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 
 # Known, harmless deprecation noise from detectron2 v0.6 on recent torch.
@@ -31,6 +32,7 @@ from detectron2.utils import comm  # noqa: E402
 
 from direct_pretrain.config_systems import load_config  # noqa: E402
 from direct_pretrain.config_systems import system_of  # noqa: E402
+from direct_pretrain.engine import StopRequested  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
 from direct_pretrain.utils.dist import build_on_main  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
@@ -66,6 +68,10 @@ def main(args) -> dict:
             result = evaluate_weights(cfg, system_of(cfg).weights(cfg))
         else:
             result = run_pipeline(cfg)
+    except StopRequested as e:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint was written
+        logging.getLogger("direct_pretrain").warning("%s", e)
+        _end_processes()
+        sys.exit(e.exit_code)
     except Exception as e:  # the reason a run stopped belongs in log.txt too
         logging.getLogger("direct_pretrain").error("Stopped: %s: %s", type(e).__name__, e)
         raise
@@ -73,10 +79,15 @@ def main(args) -> dict:
         lock.release()  # the process's end would release it too, however it ends
     if not args.eval_only and comm.is_main_process():
         logging.getLogger("detectron2").info("Pipeline summary:\n%s", json.dumps(result, indent=1))
-    if comm.get_world_size() > 1:  # gloo/NCCL threads left running abort the exit
-        comm.synchronize()
-        dist.destroy_process_group()
+    comm.synchronize()
+    _end_processes()
     return result
+
+
+def _end_processes() -> None:
+    """Destroy the process group: gloo/NCCL threads left running abort the exit."""
+    if comm.get_world_size() > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

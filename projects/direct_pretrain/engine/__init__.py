@@ -6,11 +6,14 @@ from detectron2.config import CfgNode
 
 from .hooks import AllRanksFinite, PhaseTimer, phase_hooks
 from .lazy_trainer import LazyPhaseTrainer, lazy_evaluate
+from .stop import GracefulStop, StopRequested
 from .yacs_trainer import DirectPretrainTrainer, build_train_augmentations, phase_training_dicts
 
 __all__ = [
     "AllRanksFinite",
     "DirectPretrainTrainer",
+    "GracefulStop",
+    "StopRequested",
     "LazyPhaseTrainer",
     "PhaseTimer",
     "build_train_augmentations",

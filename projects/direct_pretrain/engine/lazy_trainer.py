@@ -26,6 +26,7 @@ from ..data.mapper import WithoutSkipped
 from ..data.resized_cache import maybe_resized
 from ..utils.dist import build_on_main
 from .hooks import PhaseTimer, phase_hooks
+from .stop import GracefulStop
 
 __all__ = ["LazyPhaseTrainer", "lazy_evaluate"]
 
@@ -90,6 +91,7 @@ class LazyPhaseTrainer:
                     if main
                     else None
                 ),
+                GracefulStop(self.checkpointer),
             ]
         )
 

@@ -36,6 +36,7 @@ from ..modeling import NO_DECAY_PARAMS
 from ..utils.dist import build_on_main
 from ..utils.env import has_cpp_ops
 from .hooks import PhaseTimer, phase_hooks
+from .stop import GracefulStop
 
 __all__ = ["DirectPretrainTrainer", "build_train_augmentations", "phase_training_dicts"]
 
@@ -126,13 +127,13 @@ class DirectPretrainTrainer(DefaultTrainer):
             default.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, checkpoint_period))
         if not phase.KIND.evaluates:  # e.g. AlignDet's box-domain model has no classifier
             default = [h for h in default if not isinstance(h, hooks.EvalHook)]
-        return [self.timer, *phase_hooks(self.cfg, phase)] + [
-            (
-                hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
-                if isinstance(h, hooks.EvalHook)
-                else h
-            )
-            for h in default
+        evaluation = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
+        default = [evaluation if isinstance(h, hooks.EvalHook) else h for h in default]
+        return [
+            self.timer,
+            *phase_hooks(self.cfg, phase),
+            *default,
+            GracefulStop(self.checkpointer),
         ]
 
     def _evaluate(self) -> dict:
