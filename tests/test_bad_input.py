@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -22,8 +23,8 @@ from direct_pretrain.data.mapper import CheckedDatasetMapper
 from direct_pretrain.data.pixel_stats import dataset_pixel_stats
 from direct_pretrain.data.resized_cache import resized_dicts
 from direct_pretrain.data.validate import DatasetError, checked_coco_json
-from direct_pretrain.engine import DirectPretrainTrainer
-from direct_pretrain.pipeline import run_pipeline
+from direct_pretrain.engine import DirectPretrainTrainer, phase_training_dicts
+from direct_pretrain.pipeline import prepare_config, run_pipeline
 from direct_pretrain.utils.env import has_cpp_ops
 from direct_pretrain.utils.io import ensure_writable_dir
 
@@ -53,6 +54,84 @@ def test_unregistered_dataset_is_named(synthetic_data, tmp_path):
     cfg.DATASETS.TRAIN = ("my_data_train",)
     with pytest.raises(KeyError, match="my_data_train"):
         register_datasets(cfg)
+
+
+EXPECTED = (
+    r"; expected a COCO detection json \(an object with 'images', 'annotations' and "
+    r"'categories'\)"
+)
+UNREGISTERED = r"annotations are not registered by REGISTER_COCO and must be converted to COCO json"
+VOC = "<annotation><filename>a.png</filename><object><name>tree</name></object></annotation>"
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        (
+            "list.json",
+            json.dumps([{"image_id": 1}]),
+            r"list\.json' holds a JSON list \(length 1\), not an object",
+        ),
+        ("number.json", "3", r"number\.json' holds a JSON number, not an object"),
+        (
+            "labelme.json",
+            json.dumps({"shapes": [], "imagePath": "a.png"}),
+            r"without 'annotations', 'categories', 'images' \(its keys: 'imagePath', 'shapes'\)",
+        ),
+        ("a.xml", VOC, rf"a\.xml' is a Pascal VOC annotation .*: Pascal VOC {UNREGISTERED}"),
+        (
+            "b.xml",
+            '<?xml version="1.0"?><svg xmlns="x"/>',
+            r"b\.xml' is an XML document \(root <svg>",
+        ),
+        (
+            "a.txt",
+            "0 0.5 0.5 0.2 0.3\n\n1 0.1 0.2 0.05 0.05\n",
+            rf"YOLO labels .*: YOLO {UNREGISTERED}",
+        ),
+        ("notes.txt", "1 2 3\n", r"cannot read '.*notes\.txt' as JSON: Extra data"),
+    ],
+    ids=["list", "number", "other_object", "voc_xml", "other_xml", "yolo_txt", "not_json"],
+)
+def test_annotation_file_in_another_format_is_named(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DatasetError, match=rf"dataset 'mine': .*{message}.*{EXPECTED}"):
+        checked_coco_json("mine", str(tmp_path / name), tmp_path / "cache")
+
+
+def test_folder_as_annotation_file_is_named(synthetic_data, tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.json").write_text("{}")
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.REGISTER_COCO[0][1] = str(tmp_path / "annotations")
+    folder = r"annotations' is a folder, not a file \(its \.json files: train\.json\)"
+    with pytest.raises(DatasetError, match=rf"dataset 'tiny_train': '.*{folder}{EXPECTED}"):
+        register_datasets(cfg)
+
+
+@pytest.mark.parametrize("filter_empty", [True, False])
+def test_training_images_without_boxes(synthetic_data, tmp_path, caplog, filter_empty):
+    json_file, images = synthetic_data["train"]
+    data = json.loads(open(json_file).read())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] > 3]
+    (tmp_path / "some_empty.json").write_text(json.dumps(data))
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.REGISTER_COCO[0] = ["tiny_train", str(tmp_path / "some_empty.json"), images]
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = filter_empty
+    cfg, num_images = prepare_config(cfg)
+    dicts = phase_training_dicts(phase_config(cfg, "FINETUNE", num_images))
+    names = {os.path.basename(d["file_name"]) for d in dicts}
+    empty = {"img000.png", "img001.png", "img002.png"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [w for w in warnings if "no usable annotations" in w]
+    if filter_empty:
+        assert num_images == len(dicts) == 5 and not names & empty
+        (warning,) = warnings
+        assert warning.startswith("Training set 'tiny_train': 3 of 8 images have no usable")
+        assert "fewer false positives); DATALOADER.FILTER_EMPTY_ANNOTATIONS False keeps" in warning
+    else:
+        assert num_images == len(dicts) == 8 and empty <= names
+        assert not warnings
 
 
 def _corrupt_copy(synthetic_data, tmp_path):

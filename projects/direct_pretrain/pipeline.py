@@ -34,6 +34,7 @@ from .preflight import (
     check_num_classes,
     check_weights_used,
     dataset_fingerprints,
+    warn_left_out_images,
     warn_unused_datasets,
 )
 from .report import write_report
@@ -70,7 +71,8 @@ class PhaseStateError(RuntimeError):
 
 
 def prepare_config(cfg, eval_only: bool = False):
-    """Register datasets and check the config before anything runs; resolve pixel statistics.
+    """Register datasets and check the config before anything runs; warn about training images
+    left out for having no usable annotations; resolve pixel statistics.
 
     Args:
         cfg: the pipeline config.
@@ -106,6 +108,8 @@ def prepare_config(cfg, eval_only: bool = False):
     if eval_only:
         return cfg, 1
     dicts = system.train_dicts(cfg)
+    if comm.is_main_process():
+        warn_left_out_images(train_names, len(dicts), system.keep_empty_override)
     if node.PIXEL_STATS == "dataset":
         mean, std = build_on_main(
             lambda: dataset_pixel_stats(

@@ -17,6 +17,7 @@ __all__ = [
     "check_num_classes",
     "check_weights_used",
     "dataset_fingerprints",
+    "warn_left_out_images",
     "warn_unused_datasets",
 ]
 
@@ -89,6 +90,22 @@ def warn_unused_datasets(node, used: list[str]) -> None:
             unused,
             "it" if len(unused) == 1 else "them",
             used,
+        )
+
+
+def warn_left_out_images(train_names: list[str], num_kept: int, keep_override: str) -> None:
+    """Warn if the training set keeps fewer images than its datasets register: Detectron2's
+    loader leaves out images without usable annotations (no boxes, or crowd boxes only)."""
+    total = sum(len(DatasetCatalog.get(name)) for name in train_names)
+    if num_kept < total:
+        logger.warning(
+            "Training set %s: %d of %d images have no usable annotations (no boxes, or crowd "
+            "boxes only) and are left out of training. Images without objects teach the "
+            "detector what is not an object (fewer false positives); %s keeps them.",
+            ", ".join(f"'{name}'" for name in train_names),
+            total - num_kept,
+            total,
+            keep_override,
         )
 
 

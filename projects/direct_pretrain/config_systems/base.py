@@ -19,6 +19,8 @@ class ConfigSystem:
     # Names of the device and initial-weights settings, for messages.
     device_key: str = ""
     weights_key: str = ""
+    # The override that keeps training images without usable annotations, for messages.
+    keep_empty_override: str = ""
 
     def resolve(self, cfg, name: str) -> Phase:
         """The checked settings of phase ``name`` of ``cfg``."""

@@ -252,6 +252,7 @@ class LazySystem(ConfigSystem):
     )
     device_key = "train.device"
     weights_key = "train.init_checkpoint"
+    keep_empty_override = "dataloader.train.dataset.filter_empty=False"
 
     def output_dir(self, cfg):
         return cfg.train.output_dir

@@ -139,6 +139,7 @@ class YacsSystem(ConfigSystem):
     )
     device_key = "MODEL.DEVICE"
     weights_key = "MODEL.WEIGHTS"
+    keep_empty_override = "DATALOADER.FILTER_EMPTY_ANNOTATIONS False"
 
     def output_dir(self, cfg):
         return cfg.OUTPUT_DIR

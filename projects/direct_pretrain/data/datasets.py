@@ -37,7 +37,7 @@ def _check_entry(index: int, entry) -> tuple[str, str, str]:
     if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 3:
         raise ValueError(f"{where} must be [name, json_file, image_root], got {entry!r}")
     name, json_file, image_root = (str(x) for x in entry)
-    if not os.path.isfile(json_file):
+    if not os.path.exists(json_file):  # a folder: refused by checked_coco_json
         raise FileNotFoundError(f"{where} ('{name}'): annotation file '{json_file}' not found")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{where} ('{name}'): image folder '{image_root}' not found")

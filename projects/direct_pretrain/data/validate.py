@@ -1,9 +1,10 @@
 """Check a user's COCO detection file before training on it; repair what is safe to repair.
 
-Errors (a ``DatasetError`` naming the file and the offending ids): no images, no annotations,
-two images with the same id or the same file name (their boxes would be merged or trained
-twice), an image without width/height, an annotation whose ``image_id`` or ``category_id`` is
-not declared, a ``bbox`` that is not four numbers.
+Errors (a ``DatasetError`` naming the file and what was found): a file that is not a COCO
+detection json (a folder, a JSON list, Pascal VOC or other XML, YOLO labels), no images, no
+annotations, two images with the same id or the same file name (their boxes would be merged or
+trained twice), an image without width/height, an annotation whose ``image_id`` or
+``category_id`` is not declared, a ``bbox`` that is not four numbers.
 
 Repairs (counted and logged; a repaired copy is written to the cache and registered instead,
 so training and evaluation see the same boxes): a box reaching outside its image is clipped to
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +29,18 @@ __all__ = ["DatasetError", "checked_coco_json", "repair_coco"]
 logger = logging.getLogger(__name__)
 _MAX_IDS = 10
 CHECK_VERSION = 2  # 2: duplicate image ids / file names; cached verdicts of 1 are rechecked
+_COCO_KEYS = ("images", "annotations", "categories")
+_EXPECTED = (
+    "expected a COCO detection json (an object with 'images', 'annotations' and 'categories')"
+)
+_JSON_TYPES = {
+    list: "a JSON list",
+    str: "a JSON string",
+    int: "a JSON number",
+    float: "a JSON number",
+    bool: "a JSON boolean",
+    type(None): "JSON null",
+}
 
 
 class DatasetError(ValueError):
@@ -45,6 +59,80 @@ def _is_box(bbox) -> bool:
         and len(bbox) == 4
         and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
     )
+
+
+def _unregistered(format_name: str) -> str:
+    return (
+        f"{format_name} annotations are not registered by REGISTER_COCO and must be converted "
+        "to COCO json for now"
+    )
+
+
+def _xml_root(path: str) -> str | None:
+    """The root element's name if ``path`` starts as an XML document, else None."""
+    try:
+        _, root = next(ET.iterparse(path, events=("start",)))
+    except (OSError, ET.ParseError, StopIteration):
+        return None
+    return root.tag.rsplit("}", 1)[-1]
+
+
+def _is_yolo(path: str) -> bool:
+    """Whether ``path`` starts with YOLO label lines: five numbers "class cx cy w h"."""
+    try:
+        with open(path) as f:
+            rows = [[float(v) for v in f.readline(200).split()] for _ in range(20)]
+    except (OSError, ValueError):
+        return False
+    rows = [row for row in rows if row]
+    return bool(rows) and all(len(row) == 5 for row in rows)
+
+
+def _not_json(path: str) -> str | None:
+    """What an unparsable annotation file is instead (Pascal VOC, XML, YOLO), if recognised."""
+    root = _xml_root(path)
+    if root == "annotation":
+        return f"is a Pascal VOC annotation (XML, root <annotation>): {_unregistered('Pascal VOC')}"
+    if root is not None:
+        return f"is an XML document (root <{root}>), not JSON"
+    if _is_yolo(path):
+        return f"holds YOLO labels (lines of 'class cx cy w h'): {_unregistered('YOLO')}"
+    return None
+
+
+def _load_coco(name: str, json_file: str) -> dict:
+    """The COCO detection json ``json_file`` of dataset ``name``, loaded.
+
+    Raises:
+        DatasetError: naming the file and what it is instead (a folder, JSON that is not an
+            object with the COCO keys, Pascal VOC or other XML, YOLO labels, unreadable).
+    """
+    source = f"dataset '{name}': '{json_file}'"
+    if os.path.isdir(json_file):
+        inside = sorted(p.name for p in Path(json_file).glob("*.json"))
+        found = f"its .json files: {_ids(inside)}" if inside else "no .json file in it"
+        raise DatasetError(f"{source} is a folder, not a file ({found}); {_EXPECTED}")
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        what = _not_json(json_file)
+        if what:
+            raise DatasetError(f"{source} {what}; {_EXPECTED}") from e
+        raise DatasetError(
+            f"dataset '{name}': cannot read '{json_file}' as JSON: {e}; {_EXPECTED}"
+        ) from e
+    if not isinstance(data, dict):
+        what = _JSON_TYPES[type(data)]
+        size = f" (length {len(data)})" if isinstance(data, list) else ""
+        raise DatasetError(f"{source} holds {what}{size}, not an object; {_EXPECTED}")
+    missing = [key for key in _COCO_KEYS if key not in data]
+    if missing:
+        raise DatasetError(
+            f"{source} holds a JSON object without {_ids(map(repr, missing))} (its keys: "
+            f"{_ids(map(repr, data))}); {_EXPECTED}"
+        )
+    return data
 
 
 def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
@@ -127,12 +215,7 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
     verdict_file = folder / f"{key}.verdict.json"
     if verdict_file.is_file():
         return json.loads(verdict_file.read_text())["use"]
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"dataset '{name}': cannot read '{json_file}' as JSON: {e}") from e
-    repaired, counts = repair_coco(data, f"dataset '{name}' ({json_file})")
+    repaired, counts = repair_coco(_load_coco(name, json_file), f"dataset '{name}' ({json_file})")
     use = json_file
     if counts["clipped"] or counts["dropped"]:
         use = str(folder / f"{key}.repaired.json")
