@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Predict with a trained model on image files, folders and globs; large images are tiled.
 
-Takes a finished run folder (--run OUTPUT_DIR of train_net.py) or a config file with weights,
-and writes COCO results JSON, a CSV with one box per row and images with the detections drawn.
+Takes a finished run folder (--run OUTPUT_DIR of train_net.py; with --phase, the final model of
+one of its finished phases) or a config file with weights, and writes COCO results JSON, a CSV
+with one box per row and images with the detections drawn.
 An image larger than the tile size (default: the last phase's test size) is predicted on
 overlapping tiles whose boxes are mapped back and merged. Unreadable files are reported by
 name and skipped.
@@ -11,6 +12,7 @@ Examples:
     python predict.py --run output/demo --input photos/ --output output/demo/predictions
     python predict.py --run output/demo --input "ortho/*.tif" --output preds \
         --tile-overlap 96 --confidence-threshold 0.3 --opts MODEL.DEVICE cpu
+    python predict.py --run output/demo --phase PRETRAIN --input photos/ --output preds
     python predict.py --config-file output/demo/config_predict.yaml --input a.png \
         --output preds --opts MODEL.WEIGHTS output/demo/model_final.pth
 """
@@ -60,6 +62,12 @@ def get_parser() -> argparse.ArgumentParser:
         "or a plain Detectron2 config); weights from MODEL.WEIGHTS",
     )
     parser.add_argument(
+        "--phase",
+        metavar="NAME",
+        help="with --run: predict with the final model of this finished phase "
+        "(OUTPUT_DIR/<phase>/model_final.pth) instead of the run's",
+    )
+    parser.add_argument(
         "--input", nargs="+", required=True, help="image files, folders and glob patterns"
     )
     parser.add_argument("--output", required=True, help="folder for the outputs and log.txt")
@@ -106,13 +114,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.phase and not args.run:
+        raise ValueError("--phase needs --run (the run folder whose phase to predict with)")
     ensure_writable_dir(args.output, "--output")
     setup_logger(args.output, name="detectron2")
     logger = setup_project_logger(args.output)
     Image.MAX_IMAGE_PIXELS = None  # large orthophotos are what tiling is for
     files = list_images(args.input)
     if args.run:
-        cfg, folder = load_run(args.run, args.opts), args.run
+        cfg, folder = load_run(args.run, args.opts, phase=args.phase), args.run
     else:
         cfg = load_predict_config(args.config_file, opts=args.opts)
         folder = os.path.dirname(os.path.abspath(args.config_file))

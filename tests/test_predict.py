@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from detectron2.config import get_cfg as d2_get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.layers import batched_nms
@@ -24,6 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.predict import (
     Predictor,
+    UnfinishedPhaseError,
     coco_box_ap,
     load_predict_config,
     load_run,
@@ -302,6 +306,96 @@ def test_saved_configs_of_a_run_load(run_dir, tmp_path):
     torch.save({"model": saved["model"]}, bare)
     with pytest.raises(ValueError, match=r"PIXEL_STATS 'dataset'.*bare\.pth"):
         load_predict_config(str(run_dir / "config.yaml"), str(bare))
+
+
+@pytest.fixture
+def killed_in_finetune(run_dir, tmp_path) -> Path:
+    """``run_dir`` (a finished pre-train-only run) rerun as PRETRAIN then FINETUNE and killed
+    while fine-tuning: config.yaml names both phases, finetune/ holds a checkpoint and no
+    phase_done.json, and model_final.pth is still the pre-train model."""
+    run = tmp_path / "run"
+    skip = shutil.ignore_patterns("cache", "report", "inference", "model_0*.pth", "events.*")
+    shutil.copytree(run_dir, run, ignore=skip)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["DIRECT_PRETRAIN"]["PIPELINE"] = ["PRETRAIN", "FINETUNE"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    finetune = run / "finetune"
+    finetune.mkdir()
+    shutil.copy(run / "pretrain" / "phase_config.yaml", finetune)
+    (finetune / "model_0000004.pth").touch()
+    (finetune / "last_checkpoint").write_text("model_0000004.pth")
+    return run
+
+
+def test_run_killed_in_a_later_phase_is_refused(killed_in_finetune, tmp_path):
+    run = killed_in_finetune
+    image = tmp_path / "one.png"
+    Image.fromarray(_image(TILE, TILE, 5)).save(image)
+    expected = (
+        f"{run}: its last phase FINETUNE has not finished ({run}/finetune holds checkpoints up "
+        "to iteration 5 (model_0000004.pth); no phase_done.json); model_final.pth is the final "
+        "model of PRETRAIN from an earlier run. Rerun train_net.py with the same command to "
+        "finish it, or pass --phase PRETRAIN to predict with that phase's final model."
+    )
+    with pytest.raises(UnfinishedPhaseError, match=f"^{re.escape(expected)}$"):
+        _predict_cli("--run", str(run), "--input", str(image), "--output", str(tmp_path / "out"))
+    # The last phase finished, but the run stopped before writing its final model.
+    shutil.copy(run / "pretrain" / "phase_done.json", run / "finetune")
+    with pytest.raises(
+        UnfinishedPhaseError,
+        match=r"last phase FINETUNE has finished, but the run stopped before writing its final "
+        r"model; model_final\.pth is the final model of PRETRAIN from an earlier run\..* "
+        r"--phase FINETUNE ",
+    ):
+        load_run(run)
+    # Without a readable config.yaml, the unfinished phase folder newer than the model says it.
+    (run / "finetune" / "phase_done.json").unlink()
+    (run / "config.yaml").write_text("not: [a config")
+    os.utime(run / "model_final.pth", (0, 0))
+    with pytest.raises(UnfinishedPhaseError, match=re.escape(expected)):
+        load_run(run)
+
+
+def test_phase_predicts_with_the_final_model_of_a_finished_phase(
+    run_dir, killed_in_finetune, tmp_path
+):
+    run = killed_in_finetune
+    cfg = load_run(run, phase="PRETRAIN")
+    assert cfg.MODEL.WEIGHTS == str(run / "pretrain" / "model_final.pth")
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (TILE, TILE)
+    image = _image(TILE, TILE, 6)[:, :, ::-1].copy()
+    reference = Predictor(load_run(run_dir))(image)["instances"].to("cpu")
+    assert _same(Predictor(cfg)(image)["instances"].to("cpu"), reference)
+    Image.fromarray(image[:, :, ::-1]).save(tmp_path / "one.png")
+    argv = ["--input", str(tmp_path / "one.png"), "--output", str(tmp_path / "out")]
+    summary = _predict_cli("--run", str(run), "--phase", "PRETRAIN", *argv)
+    assert summary["images"] == 1 and summary["skipped"] == []
+    with pytest.raises(
+        UnfinishedPhaseError,
+        match=rf"phase FINETUNE has not finished \({re.escape(str(run))}/finetune holds "
+        r"checkpoints up to iteration 5 \(model_0000004\.pth\); no phase_done\.json\)",
+    ):
+        _predict_cli("--run", str(run), "--phase", "FINETUNE", *argv)
+    box_domain = run / "box_domain"  # a finished AlignDet box-domain phase
+    shutil.copytree(run / "pretrain", box_domain)
+    with pytest.raises(ValueError, match="phase BOX_DOMAIN is not a detector"):
+        load_run(run, phase="BOX_DOMAIN")
+    with pytest.raises(ValueError, match=r"no phase NONE \(its phases: BOX_DOMAIN, FINETUNE, "):
+        load_run(run, phase="NONE")
+    with pytest.raises(ValueError, match="--phase needs --run"):
+        _predict_cli(
+            "--config-file", str(run / "config_predict.yaml"), "--phase", "PRETRAIN", *argv
+        )
+
+
+def test_finished_run_without_its_phase_folders_loads(run_dir, tmp_path):
+    # Phase folders (checkpoints) deleted to keep the final model alone: still a finished run.
+    run = tmp_path / "run"
+    keep = ("model_final.pth", "config_predict.yaml", "classes.json", "summary.json", "config.yaml")
+    run.mkdir()
+    for name in keep:
+        shutil.copy(run_dir / name, run)
+    assert load_run(run).MODEL.WEIGHTS == str(run / "model_final.pth")
 
 
 def test_coco_box_ap_matches_pycocotools():

@@ -43,6 +43,7 @@ from .run_folder import (
     DONE_FILE,
     PHASE_CONFIG_FILE,
     PHASE_KEYS_FILE,
+    PIPELINE_CONFIG_FILE,
     SUMMARY_FILE,
     export_for_prediction,
     read_done,
@@ -325,7 +326,7 @@ def run_pipeline(cfg) -> dict:
     cfg, num_images = prepare_config(cfg)
     fingerprints = dataset_fingerprints(system.dataset_names(cfg))
     if comm.is_main_process():
-        system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), "config.yaml"))
+        system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), PIPELINE_CONFIG_FILE))
     summary = {"output_dir": system.output_dir(cfg), "device": None, "phases": {}}
     records = {}
     for name in active_phases(cfg):

@@ -1,10 +1,11 @@
 """The run folder: its file names, what they hold, and what a finished run leaves for prediction.
 
-A run folder (``OUTPUT_DIR``) holds one folder per phase (``<phase>/phase_done.json`` once the
-phase has finished, its ``phase_config.yaml`` and ``phase_keys.json``), ``model_final.pth``,
-``summary.json``, and for prediction ``config_predict.yaml`` (a plain Detectron2 config of the
-final model) and ``classes.json`` (class names and dataset category ids), so that prediction
-needs neither the training set nor a registered dataset.
+A run folder (``OUTPUT_DIR``) holds ``config.yaml`` (the pipeline config, written when a run
+starts), one folder per phase (``<phase>/phase_done.json`` once the phase has finished, its
+``phase_config.yaml`` and ``phase_keys.json``), ``model_final.pth``, ``summary.json`` (both
+written when a run ends), and for prediction ``config_predict.yaml`` (a plain Detectron2
+config of the final model) and ``classes.json`` (class names and dataset category ids), so that
+prediction needs neither the training set nor a registered dataset.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ __all__ = [
     "FINAL_MODEL",
     "PHASE_CONFIG_FILE",
     "PHASE_KEYS_FILE",
+    "PIPELINE_CONFIG_FILE",
     "PREDICT_CONFIG_FILE",
     "SUMMARY_FILE",
     "ClassInfo",
     "class_info",
     "export_for_prediction",
+    "final_model_phase",
+    "last_checkpoint_text",
     "last_phase_config",
     "read_done",
+    "run_last_phase",
     "saved_pixel_stats",
 ]
 
@@ -50,6 +55,7 @@ PHASE_CONFIG_FILE = "phase_config.yaml"
 PHASE_KEYS_FILE = "phase_keys.json"
 BRIDGED_FILE = "bridged_init.pth"
 # In the run folder.
+PIPELINE_CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 FINAL_MODEL = "model_final.pth"
 PREDICT_CONFIG_FILE = "config_predict.yaml"
@@ -152,6 +158,62 @@ def last_phase_config(run: Path) -> Path:
     return run / phases[-1].lower() / PHASE_CONFIG_FILE
 
 
+def final_model_phase(run: Path) -> str | None:
+    """The phase whose final model ``run/model_final.pth`` is: the last one ``summary.json``
+    (written after it) lists; None without a summary."""
+    summary = run / SUMMARY_FILE
+    phases = list(json.loads(summary.read_text()).get("phases", {})) if summary.is_file() else []
+    return phases[-1] if phases else None
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """A safe YAML loader that reads python-tagged values (saved LazyConfigs) as None."""
+
+
+_TolerantLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def _pipeline_node(config: Path) -> dict:
+    """The ``DIRECT_PRETRAIN`` node of a saved pipeline config; empty if it cannot be read."""
+    try:
+        tree = yaml.load(config.read_text(), _TolerantLoader)
+    except (OSError, yaml.YAMLError):
+        return {}
+    node = tree.get("DIRECT_PRETRAIN") if isinstance(tree, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def run_last_phase(run: Path) -> str | None:
+    """The last phase of the latest run in the folder ``run``.
+
+    From its ``config.yaml`` (``DIRECT_PRETRAIN.PHASE`` if set, else the last of
+    ``DIRECT_PRETRAIN.PIPELINE``); where that file does not say, a phase folder with a
+    checkpoint newer than ``model_final.pth`` and no ``phase_done.json`` (an unfinished later
+    attempt), else the phase of ``model_final.pth``.
+    """
+    node = _pipeline_node(run / PIPELINE_CONFIG_FILE)
+    if node.get("PHASE") or node.get("PIPELINE"):
+        return node.get("PHASE") or node["PIPELINE"][-1]
+    final = run / FINAL_MODEL
+    built = final.stat().st_mtime if final.is_file() else 0.0
+    for checkpoint in sorted(run.glob("*/last_checkpoint")):
+        if read_done(checkpoint.parent) is None and checkpoint.stat().st_mtime > built:
+            return checkpoint.parent.name.upper()
+    return final_model_phase(run)
+
+
+def last_checkpoint_text(folder: Path) -> str:
+    """What the phase ``folder`` holds of an unfinished phase, for a message."""
+    checkpoint = folder / "last_checkpoint"
+    if not checkpoint.is_file():
+        return f"{folder} holds no checkpoint"
+    name = checkpoint.read_text().strip()
+    number = name.removeprefix("model_").removesuffix(".pth")
+    if number.isdigit():  # Detectron2 names a checkpoint by its last iteration, from 0
+        return f"{folder} holds checkpoints up to iteration {int(number) + 1} ({name})"
+    return f"{folder} holds its checkpoint {name}"
+
+
 def saved_pixel_stats(weights: str) -> tuple[list[float], list[float]] | None:
     """Pixel mean and std saved with a run's final model, or in the ``phase_config.yaml``
     beside a phase's checkpoint; None if neither has them."""
@@ -160,7 +222,7 @@ def saved_pixel_stats(weights: str) -> tuple[list[float], list[float]] | None:
         return list(ckpt["pixel_mean"]), list(ckpt["pixel_std"])
     phase_file = Path(weights).parent / PHASE_CONFIG_FILE
     if phase_file.is_file():
-        tree = yaml.safe_load(phase_file.read_text())
+        tree = yaml.load(phase_file.read_text(), _TolerantLoader)
         model = tree.get("MODEL") or tree.get("model") or {}
         mean = model.get("PIXEL_MEAN", model.get("pixel_mean"))
         std = model.get("PIXEL_STD", model.get("pixel_std"))

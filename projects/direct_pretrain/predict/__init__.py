@@ -8,7 +8,7 @@ from ..predictor import Predictor, inference_size
 from ..run_folder import ClassInfo, class_info
 from .evaluate import coco_box_ap
 from .images import list_images, predict_images
-from .run import load_predict_config, load_run
+from .run import UnfinishedPhaseError, load_predict_config, load_run
 from .tiling import merge_tile_predictions, overlap_pixels, predict_tiled, tile_windows
 from .writers import OUTPUTS, PredictionWriter
 
@@ -17,6 +17,7 @@ __all__ = [
     "ClassInfo",
     "PredictionWriter",
     "Predictor",
+    "UnfinishedPhaseError",
     "class_info",
     "coco_box_ap",
     "inference_size",

@@ -14,12 +14,32 @@ from ..config import get_cfg
 from ..config_systems import system_of
 from ..phase_kinds import phase_kind
 from ..phases import active_phases
-from ..run_folder import FINAL_MODEL, PREDICT_CONFIG_FILE, last_phase_config, saved_pixel_stats
+from ..run_folder import (
+    DONE_FILE,
+    FINAL_MODEL,
+    PHASE_CONFIG_FILE,
+    PREDICT_CONFIG_FILE,
+    final_model_phase,
+    last_checkpoint_text,
+    last_phase_config,
+    read_done,
+    run_last_phase,
+    saved_pixel_stats,
+)
 
-__all__ = ["load_predict_config", "load_run"]
+__all__ = ["UnfinishedPhaseError", "load_predict_config", "load_run"]
 
 
-def load_run(run_dir: str | os.PathLike, opts: Sequence[str] = (), device: str | None = None):
+class UnfinishedPhaseError(RuntimeError):
+    """The phase whose final model was asked for has not finished."""
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    opts: Sequence[str] = (),
+    device: str | None = None,
+    phase: str | None = None,
+):
     """The inference config of a finished run, with its weights ``run_dir/model_final.pth``.
 
     Reads the run's ``config_predict.yaml`` (or, for runs without it, the last phase's
@@ -30,21 +50,75 @@ def load_run(run_dir: str | os.PathLike, opts: Sequence[str] = (), device: str |
         run_dir: the run's ``OUTPUT_DIR``.
         opts: overrides, ``KEY VALUE`` pairs (yacs) or ``a.b=c`` (LazyConfig runs).
         device: "cpu" or "cuda"; default: "cuda" if available, else "cpu".
+        phase: a finished phase of the run whose final model to use instead
+            (``run_dir/<phase>/model_final.pth`` with its ``phase_config.yaml``).
 
     Returns:
         A frozen yacs ``CfgNode``, or a LazyConfig ``DictConfig`` for LazyConfig runs.
+
+    Raises:
+        UnfinishedPhaseError: ``model_final.pth`` is not the final model of the run's last
+            phase (that phase, or the run, did not finish), or ``phase`` has not finished.
+        ValueError: ``phase`` is not one of the run's phases or its model is not a detector.
     """
     run = Path(run_dir)
+    if phase:
+        weights, config = _phase_files(run, phase.upper())
+        return load_predict_config(str(config), str(weights), opts, device)
     weights = run / FINAL_MODEL
     if not weights.is_file():
         raise FileNotFoundError(
             f"{weights} not found: '{run}' is not a finished run (train_net.py writes "
             f"{FINAL_MODEL} after the last phase)"
         )
+    _check_last_phase(run)
     config = run / PREDICT_CONFIG_FILE
     if not config.is_file():
         config = last_phase_config(run)
     return load_predict_config(str(config), str(weights), opts, device)
+
+
+def _check_last_phase(run: Path) -> None:
+    """Refuse a run whose ``model_final.pth`` is not the final model of its last phase."""
+    last, built = run_last_phase(run), final_model_phase(run)
+    if last is None:
+        return
+    folder = run / last.lower()
+    done = read_done(folder) is not None
+    # A finished run's phase folders may have been deleted to save space.
+    if last == built and (done or not folder.is_dir()):
+        return
+    state = (
+        "has finished, but the run stopped before writing its final model"
+        if done
+        else f"has not finished ({last_checkpoint_text(folder)}; no {DONE_FILE})"
+    )
+    source = f"the final model of {built} from an earlier run" if built else "from an earlier run"
+    hint = last if done else built or "NAME (a finished phase)"
+    raise UnfinishedPhaseError(
+        f"{run}: its last phase {last} {state}; {FINAL_MODEL} is {source}. "
+        f"Rerun train_net.py with the same command to finish it, or pass --phase {hint} to "
+        "predict with that phase's final model."
+    )
+
+
+def _phase_files(run: Path, phase: str) -> tuple[Path, Path]:
+    """The final model and the config of the run's finished phase ``phase``."""
+    folder = run / phase.lower()
+    if not (folder / PHASE_CONFIG_FILE).is_file():
+        phases = sorted(p.parent.name.upper() for p in run.glob(f"*/{PHASE_CONFIG_FILE}"))
+        raise ValueError(f"{run} has no phase {phase} (its phases: {', '.join(phases)})")
+    if not phase_kind(phase).evaluates:
+        raise ValueError(
+            f"{run}: the model of phase {phase} is not a detector (e.g. AlignDet box-domain "
+            "pre-training); predict with a phase that fine-tunes it"
+        )
+    if read_done(folder) is None:
+        raise UnfinishedPhaseError(
+            f"{run}: phase {phase} has not finished ({last_checkpoint_text(folder)}; no "
+            f"{DONE_FILE}). Rerun train_net.py with the same command to finish it."
+        )
+    return folder / FINAL_MODEL, folder / PHASE_CONFIG_FILE
 
 
 def _is_lazy_file(path: str) -> bool:
