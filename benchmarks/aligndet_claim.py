@@ -45,7 +45,7 @@ BODY = r"^backbone\.bottom_up\."
 
 
 def _final_model(folder: Path, phase: str) -> str:
-    return json.loads((folder / phase.lower() / "phase_done.json").read_text())["final_model"]
+    return str(folder / phase.lower() / "model_final.pth")
 
 
 def backbone(out: Path, extra: list[str]) -> tuple[str, list[str]]:

@@ -38,6 +38,8 @@ __all__ = [
     "bridge_checkpoint",
     "load_model_state",
     "load_weights_strictly",
+    "EXPLODED_WEIGHT",
+    "unhealthy_weights",
     "CLASS_SPECIFIC",
 ]
 
@@ -225,6 +227,40 @@ def bridge_state_dict(
     return out, report
 
 
+# A trained parameter larger than this in magnitude means training blew up: detectors trained
+# here stay far below it (their largest weights are of order 10-100); a measured blow-up with a
+# too-high LR reached 4e11 while every loss still looked finite.
+EXPLODED_WEIGHT = 1e6
+
+
+def unhealthy_weights(state: Mapping[str, torch.Tensor], bound: float = EXPLODED_WEIGHT) -> str:
+    """What is wrong with a model's weights ("" if nothing): non-finite values anywhere, or
+    values beyond ``bound`` in magnitude (norm statistics excepted: activations' variance may
+    legitimately be large)."""
+    non_finite, exploded, largest = [], [], 0.0
+    for key, value in state.items():
+        if not torch.is_floating_point(value) or value.numel() == 0:
+            continue
+        if not bool(torch.isfinite(value).all()):
+            non_finite.append(key)
+            continue
+        peak = float(value.abs().max())
+        if peak > bound and not key.endswith(("running_mean", "running_var")):
+            exploded.append(key)
+            largest = max(largest, peak)
+    problems = []
+    if non_finite:
+        problems.append(f"non-finite values in {_inline(non_finite)}")
+    if exploded:
+        problems.append(f"values up to {largest:.3g} (beyond {bound:g}) in {_inline(exploded)}")
+    return "; ".join(problems)
+
+
+def _inline(keys: list[str]) -> str:
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(keys[:3]) + more
+
+
 def bridge_checkpoint(
     source_path: str | Path,
     target: nn.Module,
@@ -241,6 +277,9 @@ def bridge_checkpoint(
     :func:`bridge_state_dict`.
     """
     source = load_model_state(source_path)
+    problem = unhealthy_weights(source)
+    if problem:
+        raise BridgeError(f"not bridging {source_path}: its weights are broken ({problem})")
     state, report = bridge_state_dict(
         source,
         target,

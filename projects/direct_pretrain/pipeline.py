@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 from detectron2.utils import comm
 
-from .bridge import bridge_checkpoint, load_model_state, load_weights_strictly
+from .bridge import (
+    bridge_checkpoint,
+    load_model_state,
+    load_weights_strictly,
+    unhealthy_weights,
+)
 from .config_systems import ConfigSystem, system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
@@ -45,6 +50,7 @@ from .run_folder import (
     PHASE_KEYS_FILE,
     PIPELINE_CONFIG_FILE,
     SUMMARY_FILE,
+    FINAL_MODEL,
     export_for_prediction,
     read_done,
     saved_pixel_stats,
@@ -63,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 # Phase keys that may change between a run and its resume (speed and bookkeeping only).
 PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
+# How a phase folder remembers a path inside the run folder.
+RUN_DIR_VARIABLE = "$OUTPUT_DIR"
 # Phase-key prefix of the dataset fingerprints a phase folder remembers.
 DATA_PREFIX = "DATASET_FINGERPRINT."
 
@@ -145,7 +153,8 @@ def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str])
         return
     phase = pcfg.DIRECT_PRETRAIN.PHASE
     saved_keys = json.loads(saved.read_text())
-    before = _result_keys(system, saved_keys, phase)
+    saved_run = os.path.dirname(str(saved_keys.get(system.output_dir_key, "")))
+    before = _result_keys(system, _portable(saved_keys, saved_run), phase)
     now = _result_keys(system, _phase_keys(system, pcfg, fingerprints), phase)
     if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # a run from before fingerprints
         now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
@@ -170,9 +179,23 @@ def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str])
 
 
 def _phase_keys(system: ConfigSystem, pcfg, fingerprints: dict[str, str]) -> dict:
-    """What a phase folder remembers: its flat config and the fingerprints of its datasets."""
+    """What a phase folder remembers: its flat config and the fingerprints of its datasets.
+    Paths inside the run folder are compared relative to it (:func:`_portable`)."""
     flat = json.loads(json.dumps(system.flat(pcfg)))
+    flat = _portable(flat, os.path.dirname(system.output_dir(pcfg)))
     return {**flat, **{DATA_PREFIX + name: digest for name, digest in fingerprints.items()}}
+
+
+def _portable(value, run_dir: str):
+    """``value`` with every path inside ``run_dir`` written as ``$OUTPUT_DIR/<relative>``, so
+    that a run folder moved or copied elsewhere remembers the same config."""
+    if isinstance(value, dict):
+        return {k: _portable(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, run_dir) for v in value]
+    if isinstance(value, str) and run_dir and value.startswith(run_dir.rstrip(os.sep) + os.sep):
+        return RUN_DIR_VARIABLE + value[len(run_dir.rstrip(os.sep)) :]
+    return value
 
 
 def _forget_attempt_without_checkpoint(folder: Path, phase: str) -> None:
@@ -204,12 +227,12 @@ def _previous_phase(system: ConfigSystem, cfg, phase: str) -> tuple[str, str]:
             "DIRECT_PRETRAIN.PIPELINE; add that phase or change INIT"
         )
     previous = pipeline[index - 1]
-    done = read_done(os.path.join(system.output_dir(cfg), previous.lower()))
-    if done is None:
+    folder = os.path.join(system.output_dir(cfg), previous.lower())
+    if read_done(folder) is None:
         raise PhaseStateError(
             f"phase {phase} starts from phase {previous}, which has not " "finished: run it first"
         )
-    return previous, done["final_model"]
+    return previous, os.path.join(folder, FINAL_MODEL)
 
 
 def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int) -> None:
@@ -282,6 +305,15 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
             "resume); if it diverges again, lower the phase's BASE_LR or raise WARMUP_ITERS "
             f"and restart the phase by deleting {out}."
         ) from e
+    problem = unhealthy_weights(trainer.checkpointer.model.state_dict())
+    if problem:
+        raise FloatingPointError(
+            f"phase {phase.NAME} ended with broken weights ({problem}); it is not recorded as "
+            f"finished. Its settings: BASE_LR {phase.BASE_LR}, IMS_PER_BATCH "
+            f"{phase.IMS_PER_BATCH}, WARMUP_ITERS {phase.WARMUP_ITERS}, OPTIMIZER "
+            f"{phase.OPTIMIZER}. Lower DIRECT_PRETRAIN.{phase.NAME}.BASE_LR (or raise its "
+            f"WARMUP_ITERS or IMS_PER_BATCH) and restart the phase by deleting {out}."
+        )
     record = {
         "phase": phase.NAME,
         "iterations": trainer.max_iter,
@@ -292,7 +324,7 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
         "eval_seconds": round(trainer.timer.eval_seconds, 1),
         "cpu_seconds": round(trainer.timer.cpu_seconds, 1),
         "eval_cpu_seconds": round(trainer.timer.eval_cpu_seconds, 1),
-        "final_model": str(out / "model_final.pth"),
+        "final_model": FINAL_MODEL,  # in the phase folder, wherever the run folder moves
     }
     if comm.is_main_process():
         atomic_write_json(out / DONE_FILE, record)
@@ -354,7 +386,7 @@ def run_pipeline(cfg) -> dict:
             if from_previous:
                 _bridge_into(system, cfg, phase, pcfg, num_images)
             record = _run_phase(system, phase, pcfg, fingerprints)
-        final_model = record["final_model"]
+        final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
         records[name] = record
         summary["phases"][name] = {
             **_bbox(record),

@@ -16,7 +16,8 @@ class ConfigSystem:
 
     # Flat keys that may change between a run and its resume without changing the result.
     resume_safe_keys: tuple[str, ...] = ()
-    # Names of the device and initial-weights settings, for messages.
+    # Names of the output folder, device and initial-weights settings.
+    output_dir_key: str = ""
     device_key: str = ""
     weights_key: str = ""
     # The override that keeps training images without usable annotations, for messages.

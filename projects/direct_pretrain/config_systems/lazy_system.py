@@ -251,6 +251,7 @@ class LazySystem(ConfigSystem):
         "dataloader.evaluator.output_dir",
     )
     device_key = "train.device"
+    output_dir_key = "train.output_dir"
     weights_key = "train.init_checkpoint"
     keep_empty_override = "dataloader.train.dataset.filter_empty=False"
 

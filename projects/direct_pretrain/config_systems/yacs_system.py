@@ -138,6 +138,7 @@ class YacsSystem(ConfigSystem):
         "OUTPUT_DIR",
     )
     device_key = "MODEL.DEVICE"
+    output_dir_key = "OUTPUT_DIR"
     weights_key = "MODEL.WEIGHTS"
     keep_empty_override = "DATALOADER.FILTER_EMPTY_ANNOTATIONS False"
 
