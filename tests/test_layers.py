@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from conftest import ROOT
@@ -29,6 +30,19 @@ def test_import_contracts_hold():
     result = _lint(ROOT / "projects")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 kept, 0 broken" in result.stdout
+
+
+def test_every_module_of_the_package_has_a_layer():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in config["contracts"] if c["type"] == "layers")["layers"]
+    placed = {name.strip() for layer in layers for name in layer.split("|")}
+    package = ROOT / "projects" / "direct_pretrain"
+    modules = {
+        f"direct_pretrain.{p.stem}"
+        for p in package.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+    }
+    assert modules - placed == set(), "add these modules to a layer in pyproject.toml"
 
 
 def test_an_upward_import_inside_a_function_breaks_the_layers(tmp_path):
