@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import IO, Any, ContextManager
+from typing import IO, Any, Callable, ContextManager
 from urllib.parse import urlparse
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from .utils.io import atomic_open
+from .utils.io import atomic_open, tensor_bytes
 
 __all__ = ["SafeCheckpointer"]
 
@@ -20,18 +20,22 @@ logger = logging.getLogger(__name__)
 class _AtomicWrites:
     """A path manager that writes local files atomically and passes everything else on.
 
-    ``open`` for writing gives a context manager, as fvcore's ``Checkpointer`` uses it.
+    ``open`` for writing gives a context manager, as fvcore's ``Checkpointer`` uses it; if the
+    disk fills up, a ``.pth`` file's :class:`DiskFullError` says it needs at least
+    ``checkpoint_bytes()``.
     """
 
-    def __init__(self, path_manager) -> None:
+    def __init__(self, path_manager, checkpoint_bytes: Callable[[], int]) -> None:
         self._path_manager = path_manager
+        self._checkpoint_bytes = checkpoint_bytes
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._path_manager, name)
 
     def open(self, path: str, mode: str = "r", **kwargs) -> IO | ContextManager[IO]:
         if mode in ("w", "wb") and "://" not in str(path):
-            return atomic_open(path, mode)
+            min_size = self._checkpoint_bytes if str(path).endswith(".pth") else None
+            return atomic_open(path, mode, min_size=min_size)
         return self._path_manager.open(path, mode, **kwargs)
 
 
@@ -41,7 +45,8 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     * Checkpoints and ``last_checkpoint`` are written by fvcore's ``Checkpointer.save`` through
       :attr:`path_manager`, which writes a temporary file, fsyncs it and renames it: a run killed
-      while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to it.
+      while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to it. A
+      full disk raises :class:`~direct_pretrain.utils.io.DiskFullError`, keeping them too.
     * Non-finite weights are never saved. In a multi-process run :meth:`save` is collective:
       every process calls it, and if the weights of any one are non-finite, every one raises.
     * ``.pth`` files are loaded by ``torch.load`` with its ``weights_only`` default (torch 2.6
@@ -51,7 +56,12 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def __init__(self, model, save_dir: str = "", **kwargs) -> None:
         super().__init__(model, save_dir, **kwargs)
-        self.path_manager = _AtomicWrites(self.path_manager)
+        self.path_manager = _AtomicWrites(self.path_manager, self._checkpoint_bytes)
+
+    def _checkpoint_bytes(self) -> int:
+        """The bytes of the tensors a checkpoint holds: a lower bound of its size."""
+        states = [self.model.state_dict(), *(c.state_dict() for c in self.checkpointables.values())]
+        return tensor_bytes(states)
 
     def save(self, name: str, **kwargs) -> None:
         state = self.model.state_dict()
