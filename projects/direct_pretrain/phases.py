@@ -166,6 +166,20 @@ class Phase:
         resize = {"short_edge_length": tuple(self.MIN_SIZE_TRAIN), "max_size": self.MAX_SIZE_TRAIN}
         return [(T.ResizeShortestEdge, {**resize, "sample_style": "choice"}), *flip]
 
+    def train_scale(self, height: float, width: float) -> float:
+        """The typical factor an image of this size is resized by in training (the middle of
+        the scale jitter, the middle of MIN_SIZE_TRAIN's choices)."""
+        if self.AUGMENTATION == "fixed_size_crop":
+            jitter = sum(self.RATIO_RANGE) / 2
+            return jitter * min(self.SCALE[0] / height, self.SCALE[1] / width)
+        sizes = sorted(self.MIN_SIZE_TRAIN)
+        short = sizes[len(sizes) // 2]
+        return min(short / min(height, width), self.MAX_SIZE_TRAIN / max(height, width))
+
+    def test_scale(self, height: float, width: float) -> float:
+        """The factor an image of this size is resized by for evaluation."""
+        return min(self.MIN_SIZE_TEST / min(height, width), self.MAX_SIZE_TEST / max(height, width))
+
     def augmentations(self, pixel_mean) -> list[T.Augmentation]:
         """The training augmentations."""
         return [cls(**kwargs) for cls, kwargs in self.augmentation_specs(pixel_mean)]

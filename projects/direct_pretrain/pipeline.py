@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from .bridge import (
@@ -39,6 +40,7 @@ from .preflight import (
     check_num_classes,
     check_weights_used,
     dataset_fingerprints,
+    describe_data,
     warn_left_out_images,
     warn_unused_datasets,
 )
@@ -46,11 +48,12 @@ from .report import write_report
 from .run_folder import (
     BRIDGED_FILE,
     DONE_FILE,
+    FINAL_MODEL,
+    FINGERPRINT_FILE,
     PHASE_CONFIG_FILE,
     PHASE_KEYS_FILE,
     PIPELINE_CONFIG_FILE,
     SUMMARY_FILE,
-    FINAL_MODEL,
     export_for_prediction,
     read_done,
     saved_pixel_stats,
@@ -119,6 +122,10 @@ def prepare_config(cfg, eval_only: bool = False):
     dicts = system.train_dicts(cfg)
     if comm.is_main_process():
         warn_left_out_images(train_names, len(dicts), system.keep_empty_override)
+        phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
+        classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
+        fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
+        describe_data(dicts, phases, classes, fingerprint)
     if node.PIXEL_STATS == "dataset":
         mean, std = build_on_main(
             lambda: dataset_pixel_stats(

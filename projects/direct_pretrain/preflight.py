@@ -8,14 +8,18 @@ import json
 import logging
 import os
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .data.fingerprint import PERCENTILES, box_sides, dataset_fingerprint
 from .phase_kinds import PhaseConfigError
 from .phases import Phase
+from .utils.io import atomic_write_json
 
 __all__ = [
     "check_num_classes",
     "check_weights_used",
+    "describe_data",
     "dataset_fingerprints",
     "warn_left_out_images",
     "warn_unused_datasets",
@@ -126,3 +130,77 @@ def _fingerprint(name: str) -> str:
         dicts = DatasetCatalog.get(name)
         digest.update(json.dumps(dicts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+# A box smaller than this (pixels) at a phase's scale is below what the finest FPN level
+# (stride 4) and the usual smallest anchors (16-32 px) can localise well.
+SMALL_BOX = 8.0
+# Warn when more than this share of the boxes is that small at a phase's training scale.
+SMALL_SHARE_WARNING = 0.25
+
+
+def describe_data(dicts: list[dict], phases: list[Phase], class_names, path) -> dict:
+    """The training set's fingerprint with each phase's view of it (box sides at the phase's
+    training and test scales, share of boxes under ``SMALL_BOX`` px), logged as a table, saved
+    as JSON at ``path``, with a warning naming the keys of a phase that shrinks most boxes
+    below ``SMALL_BOX``."""
+    figures = dataset_fingerprint(dicts, list(class_names or []))
+    sides, images = box_sides(dicts)
+    heights = np.asarray([d["height"] for d in dicts], dtype=float)[images]
+    widths = np.asarray([d["width"] for d in dicts], dtype=float)[images]
+    side = figures.get("box_side_px", {})
+    logger.info(
+        "Training set: %d images (short side p50 %s px), %d boxes, box side p10/p50/p90 %s/%s/%s "
+        "px; fingerprint in %s",
+        figures["images"],
+        figures.get("image_height", {}).get("p50"),
+        figures["boxes"],
+        side.get("p10"),
+        side.get("p50"),
+        side.get("p90"),
+        path,
+    )
+    figures["phases"] = {}
+    for phase in phases:
+        train = sides * np.asarray([phase.train_scale(h, w) for h, w in zip(heights, widths)])
+        test = sides * np.asarray([phase.test_scale(h, w) for h, w in zip(heights, widths)])
+        small = float(np.mean(train < SMALL_BOX)) if len(train) else 0.0
+        view = {
+            "box_side_train_px": _percentiles(train),
+            "box_side_test_px": _percentiles(test),
+            f"share_under_{SMALL_BOX:g}px_train": round(small, 3),
+        }
+        figures["phases"][phase.NAME] = view
+        logger.info(
+            "Phase %s: box side p10/p50 %s/%s px in training, %s/%s px at test; %.0f%% of boxes "
+            "under %g px in training",
+            phase.NAME,
+            view["box_side_train_px"].get("p10"),
+            view["box_side_train_px"].get("p50"),
+            view["box_side_test_px"].get("p10"),
+            view["box_side_test_px"].get("p50"),
+            100 * small,
+            SMALL_BOX,
+        )
+        if small > SMALL_SHARE_WARNING:
+            keys = "SCALE" if phase.AUGMENTATION == "fixed_size_crop" else "MIN_SIZE_TRAIN"
+            value = phase.SCALE if keys == "SCALE" else phase.MIN_SIZE_TRAIN
+            logger.warning(
+                "DIRECT_PRETRAIN.%s.%s = %s shrinks %.0f%% of the training boxes below %g px "
+                "(box side p50 %s px at that scale): the detector can hardly learn them. "
+                "Consider a larger size for this phase.",
+                phase.NAME,
+                keys,
+                tuple(value),
+                100 * small,
+                SMALL_BOX,
+                view["box_side_train_px"].get("p50"),
+            )
+    atomic_write_json(path, figures)
+    return figures
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    if not len(values):
+        return {}
+    return {f"p{p}": round(float(np.percentile(values, p)), 1) for p in PERCENTILES}

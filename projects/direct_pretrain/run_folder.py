@@ -30,6 +30,7 @@ __all__ = [
     "CLASSES_FILE",
     "DONE_FILE",
     "FINAL_MODEL",
+    "FINGERPRINT_FILE",
     "PHASE_CONFIG_FILE",
     "PHASE_KEYS_FILE",
     "PIPELINE_CONFIG_FILE",
@@ -57,6 +58,7 @@ BRIDGED_FILE = "bridged_init.pth"
 # In the run folder.
 PIPELINE_CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+FINGERPRINT_FILE = "fingerprint.json"  # the training set's sizes, as each phase sees them
 FINAL_MODEL = "model_final.pth"
 PREDICT_CONFIG_FILE = "config_predict.yaml"
 CLASSES_FILE = "classes.json"
