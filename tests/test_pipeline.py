@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from direct_pretrain.bridge import BridgeError
 from direct_pretrain.pipeline import PhaseStateError, _ap_text, evaluate_weights, run_pipeline
@@ -127,3 +128,10 @@ def test_report_is_written(finished):
     assert len(examples) == 3  # the synthetic validation set has 3 images
     done = json.loads((out / "finetune" / "phase_done.json").read_text())
     assert done["eval_history"] and done["eval_history"][-1]["iteration"] == 2
+
+
+def test_report_holds_each_trained_phase_first_batch(finished):
+    _, out, _ = finished
+    for phase, tiles in (("PRETRAIN", 4), ("FINETUNE", 2)):  # IMS_PER_BATCH, drawn 256 px
+        with Image.open(out / "report" / f"batches_{phase}.jpg") as image:
+            assert image.format == "JPEG" and image.size == (tiles * 256 + (tiles - 1) * 4, 256)

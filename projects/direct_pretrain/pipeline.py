@@ -23,6 +23,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
+from .batches import draw_batches
 from .bridge import (
     bridge_checkpoint,
     load_model_state,
@@ -274,6 +275,16 @@ def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int)
     comm.synchronize()
 
 
+def _draw_batches(system: ConfigSystem, cfg, pcfg, phase: str) -> None:
+    """Draw the phase's first training batch into ``report/batches_<PHASE>.jpg`` (every
+    process: building the loader is collective); a failure is logged, never fatal."""
+    path = os.path.join(system.output_dir(cfg), "report", f"batches_{phase}.jpg")
+    try:
+        draw_batches(pcfg, path)
+    except Exception:  # noqa: BLE001 - the drawing is an extra; training goes on
+        logger.exception("Phase %s: could not draw its first training batch.", phase)
+
+
 def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str, str]) -> dict:
     """Train (or resume) one phase, evaluate it and mark it done; return its record."""
     out = Path(system.output_dir(pcfg))
@@ -390,6 +401,7 @@ def run_pipeline(cfg) -> dict:
                 _ap_text(record),
             )
         else:
+            _draw_batches(system, cfg, pcfg, name)
             if from_previous:
                 _bridge_into(system, cfg, phase, pcfg, num_images)
             record = _run_phase(system, phase, pcfg, fingerprints)
