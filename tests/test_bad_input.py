@@ -60,7 +60,7 @@ EXPECTED = (
     r"; expected a COCO detection json \(an object with 'images', 'annotations' and "
     r"'categories'\)"
 )
-UNREGISTERED = r"annotations are not registered by REGISTER_COCO and must be converted to COCO json"
+REGISTERED = r"annotations are registered with DIRECT_PRETRAIN\.REGISTER_"
 VOC = "<annotation><filename>a.png</filename><object><name>tree</name></object></annotation>"
 
 
@@ -78,7 +78,7 @@ VOC = "<annotation><filename>a.png</filename><object><name>tree</name></object><
             json.dumps({"shapes": [], "imagePath": "a.png"}),
             r"without 'annotations', 'categories', 'images' \(its keys: 'imagePath', 'shapes'\)",
         ),
-        ("a.xml", VOC, rf"a\.xml' is a Pascal VOC annotation .*: Pascal VOC {UNREGISTERED}"),
+        ("a.xml", VOC, rf"a\.xml' is a Pascal VOC annotation .*: Pascal VOC {REGISTERED}VOC"),
         (
             "b.xml",
             '<?xml version="1.0"?><svg xmlns="x"/>',
@@ -87,7 +87,7 @@ VOC = "<annotation><filename>a.png</filename><object><name>tree</name></object><
         (
             "a.txt",
             "0 0.5 0.5 0.2 0.3\n\n1 0.1 0.2 0.05 0.05\n",
-            rf"YOLO labels .*: YOLO {UNREGISTERED}",
+            rf"YOLO labels .*: YOLO {REGISTERED}YOLO \[\[name, labels_dir, image_root, ",
         ),
         ("notes.txt", "1 2 3\n", r"cannot read '.*notes\.txt' as JSON: Extra data"),
     ],

@@ -128,6 +128,10 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     node.CACHE_DIR = ""
     # COCO-format datasets to register: a list of [name, json_file, image_root].
     node.REGISTER_COCO = []
+    # Pascal VOC datasets to register: a list of [name, annotations_dir, image_root, classes].
+    node.REGISTER_VOC = []
+    # YOLO datasets to register: a list of [name, labels_dir, image_root, classes_file].
+    node.REGISTER_YOLO = []
     # What to do with an image that cannot be read: "stop" (error naming it) or "skip".
     node.BAD_IMAGES = "stop"
 

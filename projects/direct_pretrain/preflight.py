@@ -12,6 +12,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .data.fingerprint import PERCENTILES, box_sides, dataset_fingerprint
+from .data.validate import REGISTER_KEYS
 from .phase_kinds import PhaseConfigError
 from .phases import Phase
 from .utils.io import atomic_write_json
@@ -83,16 +84,19 @@ def check_weights_used(phases: list[Phase], weights_key: str, weights: str) -> N
 
 
 def warn_unused_datasets(node, used: list[str]) -> None:
-    """Warn about datasets registered by ``DIRECT_PRETRAIN.REGISTER_COCO`` that no phase uses."""
-    registered = [str(entry[0]) for entry in node.REGISTER_COCO]
-    unused = [name for name in registered if name not in used]
-    if unused:
+    """Warn about datasets registered by ``DIRECT_PRETRAIN.REGISTER_COCO`` (``_VOC``,
+    ``_YOLO``) that no phase uses."""
+    unused = {
+        key: [name for name in (str(entry[0]) for entry in node[key]) if name not in used]
+        for key, _ in REGISTER_KEYS.values()
+    }
+    named = [f"DIRECT_PRETRAIN.{key} registers {names}" for key, names in unused.items() if names]
+    if named:
         logger.warning(
-            "DIRECT_PRETRAIN.REGISTER_COCO registers %s, but no phase uses %s: the phases "
-            "train and evaluate on %s. Name them in DATASETS.TRAIN / DATASETS.TEST (LazyConfig: "
-            "dataloader.train/test.dataset.names).",
-            unused,
-            "it" if len(unused) == 1 else "them",
+            "%s, but no phase uses %s: the phases train and evaluate on %s. Name them in "
+            "DATASETS.TRAIN / DATASETS.TEST (LazyConfig: dataloader.train/test.dataset.names).",
+            " and ".join(named),
+            "it" if sum(map(len, unused.values())) == 1 else "them",
             used,
         )
 

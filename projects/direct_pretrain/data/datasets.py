@@ -1,4 +1,5 @@
-"""Dataset registration from the config: the embedded tree-crown dataset and user COCO files."""
+"""Dataset registration from the config: the embedded tree-crown dataset and the user's COCO
+files, Pascal VOC and YOLO label folders (converted to COCO by :mod:`.formats`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from .formats import converted_coco_json
 from .trees import build_neon_trees
-from .validate import checked_coco_json
+from .validate import REGISTER_KEYS, checked_coco_json
 
 __all__ = ["EMBEDDED", "cache_dir", "register_datasets", "register_named_datasets"]
 
@@ -32,16 +34,18 @@ def _register(name: str, json_file: str, image_root: str) -> None:
     register_coco_instances(name, {}, json_file, image_root)
 
 
-def _check_entry(index: int, entry) -> tuple[str, str, str]:
-    where = f"DIRECT_PRETRAIN.REGISTER_COCO[{index}]"
-    if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 3:
-        raise ValueError(f"{where} must be [name, json_file, image_root], got {entry!r}")
-    name, json_file, image_root = (str(x) for x in entry)
-    if not os.path.exists(json_file):  # a folder: refused by checked_coco_json
-        raise FileNotFoundError(f"{where} ('{name}'): annotation file '{json_file}' not found")
+def _check_entry(key: str, fields: tuple[str, ...], index: int, entry) -> list:
+    """``entry`` of ``DIRECT_PRETRAIN.<key>`` as ``[name, labels, image_root, *rest]`` (the first
+    three as strings), after checking its shape and that its paths exist."""
+    where = f"DIRECT_PRETRAIN.{key}[{index}]"
+    if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != len(fields):
+        raise ValueError(f"{where} must be [{', '.join(fields)}], got {entry!r}")
+    name, labels, image_root = (str(x) for x in entry[:3])
+    if not os.path.exists(labels):  # one of another format is named by the format's check
+        raise FileNotFoundError(f"{where} ('{name}'): {fields[1]} '{labels}' not found")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{where} ('{name}'): image folder '{image_root}' not found")
-    return name, json_file, image_root
+    return [name, labels, image_root, *entry[3:]]
 
 
 def register_datasets(cfg: CfgNode) -> None:
@@ -53,13 +57,24 @@ def register_named_datasets(node, wanted: list[str]) -> None:
     """Register every dataset in ``wanted`` that Detectron2 does not know already.
 
     Builds the embedded tree-crown dataset (once, cached) if ``wanted`` names it, and registers
-    each ``[name, json_file, image_root]`` of ``node.REGISTER_COCO`` (``node`` is the
-    ``DIRECT_PRETRAIN`` node) after checking it (:mod:`.validate`; a repaired copy replaces a
-    file with boxes outside their image). Call it in every process (cheap when cached).
+    each entry of ``node.REGISTER_COCO``, ``REGISTER_VOC`` and ``REGISTER_YOLO`` (``node`` is
+    the ``DIRECT_PRETRAIN`` node; VOC and YOLO converted to a COCO json, :mod:`.formats`) after
+    checking it (:mod:`.validate`; a repaired copy replaces a file with boxes outside their
+    image). Call it in every process (cheap when cached).
     """
-    for index, entry in enumerate(node.REGISTER_COCO):
-        name, json_file, image_root = _check_entry(index, entry)
-        _register(name, checked_coco_json(name, json_file, cache_dir(node)), image_root)
+    cache = cache_dir(node)
+    for label_format, (key, fields) in REGISTER_KEYS.items():
+        for index, entry in enumerate(node[key]):
+            name, labels, image_root, *classes = _check_entry(key, fields, index, entry)
+            if label_format == "COCO":
+                json_file = checked_coco_json(name, labels, cache)
+            else:
+                converted = converted_coco_json(
+                    name, label_format, labels, image_root, classes[0], cache
+                )
+                origin = f"{label_format} labels '{labels}', converted to {converted}"
+                json_file = checked_coco_json(name, converted, cache, origin)
+            _register(name, json_file, image_root)
     wanted = set(wanted)
     embedded = wanted & EMBEDDED.keys()
     if embedded:
@@ -68,10 +83,13 @@ def register_named_datasets(node, wanted: list[str]) -> None:
             _register(name, *built[EMBEDDED[name]])
     missing = sorted(n for n in wanted if n not in DatasetCatalog.list())
     if missing:
+        ways = "; ".join(
+            f"{label_format}: DIRECT_PRETRAIN.{key} [[{', '.join(fields)}]]"
+            for label_format, (key, fields) in REGISTER_KEYS.items()
+        )
         raise KeyError(
-            f"the config names unregistered dataset(s) {missing}. Register a COCO "
-            "dataset with DIRECT_PRETRAIN.REGISTER_COCO [[name, json_file, image_root]]; "
-            f"embedded ones: {sorted(EMBEDDED)}."
+            f"the config names unregistered dataset(s) {missing}. Register your datasets with "
+            f"{ways}. Embedded ones: {sorted(EMBEDDED)}."
         )
     for name in sorted(wanted):
         meta = MetadataCatalog.get(name)

@@ -1,10 +1,11 @@
 """Check a user's COCO detection file before training on it; repair what is safe to repair.
 
 Errors (a ``DatasetError`` naming the file and what was found): a file that is not a COCO
-detection json (a folder, a JSON list, Pascal VOC or other XML, YOLO labels), no images, no
-annotations, two images with the same id or the same file name (their boxes would be merged or
-trained twice), an image without width/height, an annotation whose ``image_id`` or
-``category_id`` is not declared, a ``bbox`` that is not four numbers.
+detection json (a folder, a JSON list, Pascal VOC or other XML, YOLO labels: those two name the
+key that registers them, :data:`REGISTER_KEYS`), no images, no annotations, two images with the
+same id or the same file name (their boxes would be merged or trained twice), an image without
+width/height, an annotation whose ``image_id`` or ``category_id`` is not declared, a ``bbox``
+that is not four numbers.
 
 Repairs (counted and logged; a repaired copy is written to the cache and registered instead,
 so training and evaluation see the same boxes): a box reaching outside its image is clipped to
@@ -24,7 +25,14 @@ from pathlib import Path
 
 from ..utils.io import atomic_write_json
 
-__all__ = ["DatasetError", "checked_coco_json", "repair_coco"]
+__all__ = [
+    "REGISTER_KEYS",
+    "DatasetError",
+    "checked_coco_json",
+    "found_format",
+    "registered_with",
+    "repair_coco",
+]
 
 logger = logging.getLogger(__name__)
 _MAX_IDS = 10
@@ -33,6 +41,12 @@ _COCO_KEYS = ("images", "annotations", "categories")
 _EXPECTED = (
     "expected a COCO detection json (an object with 'images', 'annotations' and 'categories')"
 )
+# Each annotation format: the DIRECT_PRETRAIN key that registers it and the fields of an entry.
+REGISTER_KEYS = {
+    "COCO": ("REGISTER_COCO", ("name", "json_file", "image_root")),
+    "Pascal VOC": ("REGISTER_VOC", ("name", "annotations_dir", "image_root", "classes")),
+    "YOLO": ("REGISTER_YOLO", ("name", "labels_dir", "image_root", "classes_file")),
+}
 _JSON_TYPES = {
     list: "a JSON list",
     str: "a JSON string",
@@ -61,10 +75,12 @@ def _is_box(bbox) -> bool:
     )
 
 
-def _unregistered(format_name: str) -> str:
+def registered_with(format_name: str) -> str:
+    """Where annotations of ``format_name`` (a key of :data:`REGISTER_KEYS`) are registered."""
+    key, fields = REGISTER_KEYS[format_name]
     return (
-        f"{format_name} annotations are not registered by REGISTER_COCO and must be converted "
-        "to COCO json for now"
+        f"{format_name} annotations are registered with DIRECT_PRETRAIN.{key} "
+        f"[[{', '.join(fields)}], ...]"
     )
 
 
@@ -88,16 +104,51 @@ def _is_yolo(path: str) -> bool:
     return bool(rows) and all(len(row) == 5 for row in rows)
 
 
-def _not_json(path: str) -> str | None:
-    """What an unparsable annotation file is instead (Pascal VOC, XML, YOLO), if recognised."""
+def _is_coco(path: str) -> bool:
+    """Whether ``path`` holds a JSON object with the COCO keys."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in _COCO_KEYS)
+
+
+def _file_format(path: str) -> tuple[str | None, str | None]:
+    """The format of a file and what it is in words; (None, None) if not recognised."""
     root = _xml_root(path)
     if root == "annotation":
-        return f"is a Pascal VOC annotation (XML, root <annotation>): {_unregistered('Pascal VOC')}"
+        return "Pascal VOC", "a Pascal VOC annotation (XML, root <annotation>)"
     if root is not None:
-        return f"is an XML document (root <{root}>), not JSON"
+        return None, f"an XML document (root <{root}>), not JSON"
     if _is_yolo(path):
-        return f"holds YOLO labels (lines of 'class cx cy w h'): {_unregistered('YOLO')}"
-    return None
+        return "YOLO", "a file of YOLO labels (lines of 'class cx cy w h')"
+    if _is_coco(path):
+        return "COCO", "a COCO json file"
+    return None, None
+
+
+def _folder_format(folder: str) -> tuple[str | None, str]:
+    """The format of the annotation files in ``folder`` and what it is in words."""
+    xml_files = sorted(Path(folder).rglob("*.xml"))
+    if xml_files and _xml_root(str(xml_files[0])) == "annotation":
+        return "Pascal VOC", f"a folder of Pascal VOC annotations ({len(xml_files)} .xml files)"
+    txt_files = sorted(Path(folder).rglob("*.txt"))
+    if any(_is_yolo(str(path)) for path in txt_files[:20]):
+        return "YOLO", f"a folder of YOLO labels ({len(txt_files)} .txt files)"
+    json_files = sorted(p.name for p in Path(folder).glob("*.json"))
+    if json_files:
+        return "COCO", f"a folder of .json files ({_ids(json_files)})"
+    return None, "a folder without Pascal VOC .xml, YOLO .txt or .json annotation files"
+
+
+def found_format(path: str) -> tuple[str | None, str]:
+    """The annotation format found at ``path`` (a key of :data:`REGISTER_KEYS`, or None) and
+    what ``path`` is, in words (e.g. "a folder of YOLO labels (12 .txt files)")."""
+    if os.path.isdir(path):
+        return _folder_format(path)
+    found, what = _file_format(path)
+    return found, what or "a file"
 
 
 def _load_coco(name: str, json_file: str) -> dict:
@@ -109,6 +160,9 @@ def _load_coco(name: str, json_file: str) -> dict:
     """
     source = f"dataset '{name}': '{json_file}'"
     if os.path.isdir(json_file):
+        label_format, what = _folder_format(json_file)
+        if label_format in ("Pascal VOC", "YOLO"):
+            raise DatasetError(f"{source} is {what}: {registered_with(label_format)}; {_EXPECTED}")
         inside = sorted(p.name for p in Path(json_file).glob("*.json"))
         found = f"its .json files: {_ids(inside)}" if inside else "no .json file in it"
         raise DatasetError(f"{source} is a folder, not a file ({found}); {_EXPECTED}")
@@ -116,9 +170,12 @@ def _load_coco(name: str, json_file: str) -> dict:
         with open(json_file) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        what = _not_json(json_file)
+        label_format, what = _file_format(json_file)
+        if label_format:
+            hint = registered_with(label_format)
+            raise DatasetError(f"{source} is {what}: {hint}; {_EXPECTED}") from e
         if what:
-            raise DatasetError(f"{source} {what}; {_EXPECTED}") from e
+            raise DatasetError(f"{source} is {what}; {_EXPECTED}") from e
         raise DatasetError(
             f"dataset '{name}': cannot read '{json_file}' as JSON: {e}; {_EXPECTED}"
         ) from e
@@ -202,10 +259,11 @@ def repair_coco(data: dict, source: str) -> tuple[dict, dict[str, int]]:
     return {**data, "annotations": kept}, counts
 
 
-def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
+def checked_coco_json(name: str, json_file: str, cache_dir: Path, origin: str = "") -> str:
     """The file to register for ``json_file``: itself if valid, else a repaired copy.
 
-    The outcome is cached by the file's path, size and modification time.
+    The outcome is cached by the file's path, size and modification time. ``origin`` names
+    the files ``json_file`` was converted from, in the messages.
     """
     stat = os.stat(json_file)
     key = hashlib.sha256(
@@ -215,7 +273,8 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
     verdict_file = folder / f"{key}.verdict.json"
     if verdict_file.is_file():
         return json.loads(verdict_file.read_text())["use"]
-    repaired, counts = repair_coco(_load_coco(name, json_file), f"dataset '{name}' ({json_file})")
+    source = f"dataset '{name}' ({origin or json_file})"
+    repaired, counts = repair_coco(_load_coco(name, json_file), source)
     use = json_file
     if counts["clipped"] or counts["dropped"]:
         use = str(folder / f"{key}.repaired.json")
@@ -224,7 +283,7 @@ def checked_coco_json(name: str, json_file: str, cache_dir: Path) -> str:
             "Dataset '%s' (%s): %d boxes clipped to their image, %d boxes with "
             "non-positive size dropped; using the repaired copy %s",
             name,
-            json_file,
+            origin or json_file,
             counts["clipped"],
             counts["dropped"],
             use,
