@@ -414,6 +414,7 @@ def run_pipeline(cfg) -> dict:
             "iterations": record["iterations"],
             "ims_per_batch": record["ims_per_batch"],
         }
+    summary["warnings"] = _worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
     summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
@@ -427,6 +428,35 @@ def run_pipeline(cfg) -> dict:
         _report(system, system.output_dir(cfg), phase, pcfg, summary, records)
     comm.synchronize()
     return summary
+
+
+def _worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
+    """A warning (logged, and kept in the summary) when the last phase ends below an earlier
+    phase's box AP on the test sets: the run's final model is then not its best one.
+
+    Both were evaluated on the same test sets, each at its own phase's test size; choosing the
+    final model by them would select on the test data, so the run keeps the last phase's model
+    and says where the better one is.
+    """
+    scored = {name: rec["AP"] for name, rec in phases.items() if _finite(rec.get("AP"))}
+    last = list(phases)[-1] if phases else None
+    if last not in scored:
+        return []
+    best = max(scored, key=scored.get)
+    if scored[best] <= scored[last]:
+        return []
+    message = (
+        f"The last phase, {last}, ends below phase {best} on {', '.join(test_names)}: box AP "
+        f"{scored[last]:.1f} against {scored[best]:.1f}. model_final.pth is the {last} model; the "
+        f"{best} model is {best.lower()}/model_final.pth (predict.py --run OUTPUT_DIR --phase "
+        f"{best}). Check {last}'s settings (its size, LR and length) before trusting it."
+    )
+    logger.warning(message)
+    return [message]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value
 
 
 def _report(
