@@ -80,5 +80,6 @@ def test_browse_data_writes_the_batches_and_trains_nothing(synthetic_data, tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == str(out / "batches_PRETRAIN.jpg")
-    assert sorted(p.name for p in out.iterdir()) == ["batches_PRETRAIN.jpg"]
+    # the batches, and the training set's sizes as each phase sees them (as a run logs them)
+    assert sorted(p.name for p in out.iterdir()) == ["batches_PRETRAIN.jpg", "fingerprint.json"]
     assert [p.name for p in run.iterdir()] == ["cache"]  # the tiny config's CACHE_DIR only

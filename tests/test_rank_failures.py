@@ -138,7 +138,11 @@ def test_checkpoint_of_weights_non_finite_on_one_process_fails_on_all(tmp_path):
         * 2
     )
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint", "model_0000000.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "last_checkpoint",
+        "model_0000000.pth",
+        "model_0000000.pth.sha256",
+    ]
 
 
 class _PoisonMainAfter(HookBase):

@@ -28,7 +28,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, verify_checkpoint
 from .utils.io import atomic_torch_save, atomic_write_json
 
 __all__ = [
@@ -83,10 +83,17 @@ def _listing(items: list[str]) -> str:
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of a Detectron2 checkpoint (``.pth``), loaded safely."""
+    """The model state dict of a Detectron2 checkpoint (``.pth``), loaded safely.
+
+    Raises:
+        DamagedCheckpointError: the file differs from the checksum recorded when it was
+            written (see :func:`direct_pretrain.checkpoint.verify_checkpoint`).
+        BridgeError: it cannot be read as a torch file or holds no model state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found")
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file

@@ -1,24 +1,115 @@
-"""A DetectionCheckpointer with atomic writes, a finiteness check and weights-only loading."""
+"""A DetectionCheckpointer with atomic, checksummed writes, a finiteness check, weights-only
+loading and resumption from the newest undamaged checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import math
+import os
 import pickle
-from typing import IO, Any, Callable, ContextManager
+import re
+from pathlib import Path
+from typing import IO, Any, Callable, ContextManager, Iterator
 from urllib.parse import urlparse
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from .utils.io import atomic_open, tensor_bytes
+from .utils.io import atomic_open, atomic_write_text, tensor_bytes
 
-__all__ = ["SafeCheckpointer"]
+__all__ = [
+    "DamagedCheckpointError",
+    "SafeCheckpointer",
+    "checksum_path",
+    "file_sha256",
+    "verify_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
+CHECKSUM_SUFFIX = ".sha256"
+DAMAGED_SUFFIX = ".damaged"
+# The names Detectron2's PeriodicCheckpointer (and the graceful stop) give checkpoints.
+_CHECKPOINT_NAME = re.compile(r"model_(\d+|final)\.pth")
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint differs from the checksum recorded when it was written, or cannot be read."""
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where the checksum of the checkpoint ``path`` is recorded: ``<path>.sha256``."""
+    return Path(f"{path}{CHECKSUM_SUFFIX}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of the bytes of ``path``."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def checksummed_open(
+    path: str | os.PathLike, min_size: Callable[[], int] | None = None
+) -> Iterator[IO]:
+    """:func:`atomic_open` for binary writing that then records the file's sha256 in
+    ``<path>.sha256`` (``sha256sum`` format, also written atomically). The old record goes
+    first, so a record never describes other bytes than the file's."""
+    checksum_path(path).unlink(missing_ok=True)
+    with atomic_open(path, "wb", min_size=min_size) as f:
+        yield f
+    atomic_write_text(checksum_path(path), f"{file_sha256(path)}  {Path(path).name}\n")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool:
+    """Check ``path`` against its recorded checksum.
+
+    Returns:
+        True if it matches; False if no checksum is recorded (a file written before checksums
+        were, or by something else), which is left to the loader.
+
+    Raises:
+        DamagedCheckpointError: the checksum differs, or the file or its record cannot be read.
+    """
+    record = checksum_path(path)
+    if not record.exists():
+        return False
+    try:
+        recorded, actual = record.read_text().split()[0], file_sha256(path)
+    except (OSError, IndexError) as e:
+        raise DamagedCheckpointError(f"checkpoint '{path}' cannot be checked: {e}") from e
+    if actual != recorded:
+        raise DamagedCheckpointError(
+            f"checkpoint '{path}' is damaged: its sha256 differs from the one recorded in "
+            f"{record.name} when it was written"
+        )
+    return True
+
+
+def _set_aside(path: str) -> str:
+    """Rename ``path`` (and its checksum record) to a free ``<path>.damaged[.N]``; return it."""
+    target, n = f"{path}{DAMAGED_SUFFIX}", 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}{DAMAGED_SUFFIX}.{n}"
+    os.replace(path, target)
+    record = checksum_path(path)
+    if record.exists():
+        os.replace(record, checksum_path(target))
+    return target
+
+
+def _age(name: str) -> float:
+    """Order of a checkpoint name: its iteration; ``model_final`` and other names last."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match[1]) if match and match[1] != "final" else math.inf
+
 
 class _AtomicWrites:
-    """A path manager that writes local files atomically and passes everything else on.
+    """A path manager that writes local files atomically (binary ones with their checksum
+    recorded) and passes everything else on.
 
     ``open`` for writing gives a context manager, as fvcore's ``Checkpointer`` uses it; if the
     disk fills up, a ``.pth`` file's :class:`DiskFullError` says it needs at least
@@ -33,10 +124,18 @@ class _AtomicWrites:
         return getattr(self._path_manager, name)
 
     def open(self, path: str, mode: str = "r", **kwargs) -> IO | ContextManager[IO]:
-        if mode in ("w", "wb") and "://" not in str(path):
-            min_size = self._checkpoint_bytes if str(path).endswith(".pth") else None
-            return atomic_open(path, mode, min_size=min_size)
-        return self._path_manager.open(path, mode, **kwargs)
+        if mode not in ("w", "wb") or "://" in str(path):
+            return self._path_manager.open(path, mode, **kwargs)
+        if mode == "w":
+            return atomic_open(path, mode)
+        min_size = self._checkpoint_bytes if str(path).endswith(".pth") else None
+        return checksummed_open(path, min_size)
+
+    def rm(self, path: str, **kwargs) -> None:
+        """Delete ``path`` and its checksum record (``max_to_keep`` deletes old checkpoints)."""
+        self._path_manager.rm(path, **kwargs)
+        if "://" not in str(path):
+            checksum_path(path).unlink(missing_ok=True)
 
 
 class SafeCheckpointer(DetectionCheckpointer):
@@ -47,6 +146,11 @@ class SafeCheckpointer(DetectionCheckpointer):
       :attr:`path_manager`, which writes a temporary file, fsyncs it and renames it: a run killed
       while saving leaves the previous checkpoint and a ``last_checkpoint`` pointing to it. A
       full disk raises :class:`~direct_pretrain.utils.io.DiskFullError`, keeping them too.
+    * The sha256 of each checkpoint is recorded in ``<checkpoint>.sha256`` before
+      ``last_checkpoint`` names it. :meth:`resume_or_load` checks it: a damaged checkpoint is
+      set aside (renamed ``<checkpoint>.damaged``, never deleted) and the phase resumes from the
+      newest good one, or from its initial weights if none is left. Checkpoints without a
+      record (written before records were kept) are loaded unchecked.
     * Non-finite weights are never saved. In a multi-process run :meth:`save` is collective:
       every process calls it, and if the weights of any one are non-finite, every one raises.
     * ``.pth`` files are loaded by ``torch.load`` with its ``weights_only`` default (torch 2.6
@@ -91,3 +195,48 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f"'{path}' holds objects other than tensors and plain containers; they are "
                 "not unpickled (weights_only loading). Re-save its state dict if you trust it."
             ) from e
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """fvcore's ``resume_or_load``, from the newest checkpoint that is not damaged."""
+        if resume:
+            if comm.is_main_process() and self.has_checkpoint():
+                self._fall_back_past_damaged()
+            comm.synchronize()
+        return super().resume_or_load(path, resume=resume)
+
+    def _fall_back_past_damaged(self) -> None:
+        """Set aside damaged checkpoints from the last one back to the newest good one and tag
+        that one as the last; with none good, remove ``last_checkpoint`` (a fresh start)."""
+        last = os.path.basename(self.get_checkpoint_file())
+        older = sorted(
+            (n for n in os.listdir(self.save_dir) if _age(n) < _age(last)), key=_age, reverse=True
+        )
+        passed = []
+        for name in [last, *older]:
+            path = os.path.join(self.save_dir, name)
+            if not os.path.isfile(path):
+                logger.warning("Checkpoint '%s' is missing.", path)
+                passed.append(f"{name} (missing)")
+                continue
+            try:
+                checked = verify_checkpoint(path)
+            except DamagedCheckpointError as e:
+                target = _set_aside(path)
+                logger.warning("%s; setting it aside as %s.", e, target)
+                passed.append(f"{name} -> {os.path.basename(target)}")
+                continue
+            if not checked:
+                logger.info("%s has no recorded checksum: loading it unchecked.", path)
+            if passed:
+                logger.warning(
+                    "Resuming from %s, the newest good checkpoint, instead of %s.", path, last
+                )
+                self.tag_last_checkpoint(name)
+            return
+        os.remove(os.path.join(self.save_dir, "last_checkpoint"))
+        logger.warning(
+            "No good checkpoint is left in %s (%s): the phase restarts from its initial "
+            "weights.",
+            self.save_dir,
+            ", ".join(passed),
+        )

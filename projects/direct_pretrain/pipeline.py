@@ -2,22 +2,24 @@
 
 A phase is finished when its folder holds ``phase_done.json`` (written atomically after its
 final evaluation); a rerun skips finished phases and resumes an interrupted one from its last
-complete checkpoint. A phase folder remembers the config it was started with and a fingerprint
-of its datasets, and a rerun with a config or data that would change its result is refused,
-naming the keys or datasets. Every phase says in the log whether it is skipped, started,
-resumed or bridged. Works the same for
-yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
+complete, undamaged checkpoint (:class:`~direct_pretrain.checkpoint.SafeCheckpointer`). A phase
+folder remembers the config it was started with and a fingerprint of its datasets, and a rerun
+with a config or data that would change its result is refused, naming the keys or datasets.
+Every phase says in the log whether it is skipped, started, resumed or bridged. Works the same
+for yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
 main process writes files; the others wait for it). Each phase's settings come from
 :func:`direct_pretrain.phases.resolve_phase`, through the config system.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from detectron2.data import MetadataCatalog
@@ -30,6 +32,7 @@ from .bridge import (
     load_weights_strictly,
     unhealthy_weights,
 )
+from .checkpoint import DamagedCheckpointError
 from .config_systems import ConfigSystem, system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
@@ -243,6 +246,21 @@ def _previous_phase(system: ConfigSystem, cfg, phase: str) -> tuple[str, str]:
     return previous, os.path.join(folder, FINAL_MODEL)
 
 
+@contextlib.contextmanager
+def _reading_final_model(phase: str, path: str) -> Iterator[None]:
+    """Say how to redo the final model ``path`` of the finished ``phase`` if it is damaged."""
+    try:
+        yield
+    except DamagedCheckpointError as e:
+        done = Path(path).with_name(DONE_FILE)
+        raise PhaseStateError(
+            f"{e}. It is the final model of the finished phase {phase}: delete {done} and run "
+            f"phase {phase} again (the whole pipeline, or DIRECT_PRETRAIN.PHASE {phase}); it "
+            "resumes from its newest good checkpoint, setting the damaged file aside, and "
+            "writes its final model again."
+        ) from e
+
+
 def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int) -> None:
     """Bridge the previous phase's final model into ``phase`` (once), at its weights.
 
@@ -264,14 +282,16 @@ def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int)
         )
         source_phase = system.resolve(cfg, previous)
         source_cfg = system.phase_config(cfg, source_phase, num_images)
-        bridge_checkpoint(
-            source,
-            system.build_model(pcfg, on_cpu=True),
-            target_file,
-            reinit_on_class_change=pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE,
-            drop=source_phase.KIND.transfer_drop(source_cfg, pcfg),
-            select=phase.INIT_KEYS,
-        )
+        reinit = pcfg.DIRECT_PRETRAIN.BRIDGE.REINIT_PREDICTOR_ON_CLASS_CHANGE
+        with _reading_final_model(previous, source):
+            bridge_checkpoint(
+                source,
+                system.build_model(pcfg, on_cpu=True),
+                target_file,
+                reinit_on_class_change=reinit,
+                drop=source_phase.KIND.transfer_drop(source_cfg, pcfg),
+                select=phase.INIT_KEYS,
+            )
     comm.synchronize()
 
 
@@ -313,6 +333,10 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
             phase.IMS_PER_BATCH,
             out,
         )
+    final = out / "model_final.pth"
+    if trainer.start_iter >= trainer.max_iter and not comm.all_gather(final.is_file())[0]:
+        # Resumed from the last iteration's checkpoint, the final one missing or set aside.
+        trainer.checkpointer.save(final.stem, iteration=trainer.max_iter - 1)
     try:
         trainer.train()
     except FloatingPointError as e:
@@ -419,9 +443,10 @@ def run_pipeline(cfg) -> dict:
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
         mean, std = system.pixel_stats(cfg)
+        with _reading_final_model(name, final_model):
+            state = load_model_state(final_model)
         atomic_torch_save(
-            {"model": load_model_state(final_model), "pixel_mean": mean, "pixel_std": std},
-            summary["final_model"],
+            {"model": state, "pixel_mean": mean, "pixel_std": std}, summary["final_model"]
         )
         export_for_prediction(pcfg, system.output_dir(cfg))
         atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)

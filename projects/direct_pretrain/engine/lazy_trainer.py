@@ -71,10 +71,13 @@ class LazyPhaseTrainer:
         self.max_iter = cfg.train.max_iter
         main = comm.is_main_process()
         # On every process (SafeCheckpointer.save is collective); only the main one writes,
-        # and deletes old checkpoints.
+        # and deletes old checkpoints, keeping at least two (one to fall back to if the last
+        # is damaged).
         checkpointing = (
-            cfg.train.checkpointer if main else {"period": cfg.train.checkpointer.period}
+            {**cfg.train.checkpointer} if main else {"period": cfg.train.checkpointer.period}
         )
+        if checkpointing.get("max_to_keep") is not None:
+            checkpointing["max_to_keep"] = max(2, checkpointing["max_to_keep"])
         self.trainer.register_hooks(
             [
                 self.timer,
