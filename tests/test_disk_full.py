@@ -138,7 +138,7 @@ def test_checkpointer_on_full_disk_keeps_last_checkpoint(tmp_path, fill_disk):
     needed = _message(tmp_path / "model_0000001.pth", r"at least 0\.081")
     with pytest.raises(DiskFullError, match=needed):
         checkpointer.save("model_0000001")
-    assert _files(tmp_path) == ["last_checkpoint", "model_0000000.pth"]
+    assert _files(tmp_path) == ["last_checkpoint", "model_0000000.pth", "model_0000000.pth.sha256"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
     assert torch.equal(torch.load(tmp_path / "model_0000000.pth")["model"]["weight"], model.weight)
 
