@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from direct_pretrain.predict import (  # noqa: E402
+    DEFAULT_SCORE_THRESHOLD,
     OUTPUTS,
     PredictionWriter,
     Predictor,
@@ -42,6 +43,7 @@ from direct_pretrain.predict import (  # noqa: E402
     load_run,
     overlap_pixels,
     predict_images,
+    run_score_threshold,
 )
 from direct_pretrain.utils.io import atomic_write_json, ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
@@ -74,8 +76,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--confidence-threshold",
         type=float,
-        default=0.5,
-        help="minimum score of the detections written (default: 0.5)",
+        default=None,
+        help="minimum score of the detections written (default: with --run, the score "
+        f"threshold that maximised F1 on the run's test set if it saved one, else "
+        f"{DEFAULT_SCORE_THRESHOLD})",
     )
     parser.add_argument(
         "--tile-size",
@@ -129,6 +133,11 @@ def main(args: argparse.Namespace) -> dict:
     min_size, max_size = inference_size(cfg)
     tile = args.tile_size if args.tile_size is not None else max(min_size, 0)
     overlap = overlap_pixels(tile, args.tile_overlap) if tile > 0 else 0
+    threshold, source = args.confidence_threshold, "--confidence-threshold"
+    if threshold is None:
+        saved = run_score_threshold(args.run, args.phase) if args.run else None
+        threshold, source = saved or (DEFAULT_SCORE_THRESHOLD, "default")
+    logger.info("score threshold %.3g (%s)", threshold, source)
     predictor = Predictor(cfg)
     logger.info(
         "Predicting on %d image file(s) with %s; test size %d (max %d); %s",
@@ -151,7 +160,7 @@ def main(args: argparse.Namespace) -> dict:
         tile,
         overlap,
         nms_thresh=args.nms_threshold,
-        score_thresh=args.confidence_threshold,
+        score_thresh=threshold,
     )
     atomic_write_json(os.path.join(args.output, SUMMARY_FILE), summary)
     logger.info("Outputs in %s: %s", args.output, json.dumps(sorted(args.save)))

@@ -21,8 +21,11 @@ from direct_pretrain import get_cfg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_synthetic_coco(folder: Path, num_images: int, size: int, seed: int) -> Path:
-    """Dark images with bright rectangles (the objects), as a one-class COCO json."""
+def write_synthetic_coco(
+    folder: Path, num_images: int, size: int, seed: int, num_classes: int = 1
+) -> Path:
+    """Dark images with bright rectangles (the objects), as a COCO json; with ``num_classes``
+    above 1 each object draws its class (named box, box2, box3, ...) at random."""
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -33,6 +36,7 @@ def write_synthetic_coco(folder: Path, num_images: int, size: int, seed: int) ->
             x, y = rng.integers(0, size - w), rng.integers(0, size - h)
             image[y : y + h, x : x + w] = rng.integers(150, 255, 3, dtype=np.uint8)
             x0, y0, x1, y1 = int(x), int(y), int(x + w), int(y + h)
+            category = int(rng.integers(1, num_classes + 1)) if num_classes > 1 else 1
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -41,17 +45,17 @@ def write_synthetic_coco(folder: Path, num_images: int, size: int, seed: int) ->
                     "area": (x1 - x0) * (y1 - y0),
                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
                     "iscrowd": 0,
-                    "category_id": 1,
+                    "category_id": category,
                 }
             )
         name = f"img{i:03d}.png"
         Image.fromarray(image).save(folder / "images" / name)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
     json_file = folder / "annotations.json"
+    names = ["box", *(f"box{k}" for k in range(2, num_classes + 1))]
+    categories = [{"id": k, "name": name} for k, name in enumerate(names, 1)]
     json_file.write_text(
-        json.dumps(
-            {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}
-        )
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
     )
     return json_file
 

@@ -34,6 +34,7 @@ from direct_pretrain.predict import (
     merge_tile_predictions,
     overlap_pixels,
     predict_tiled,
+    run_score_threshold,
     tile_windows,
 )
 
@@ -396,6 +397,40 @@ def test_finished_run_without_its_phase_folders_loads(run_dir, tmp_path):
     for name in keep:
         shutil.copy(run_dir / name, run)
     assert load_run(run).MODEL.WEIGHTS == str(run / "model_final.pth")
+
+
+def test_run_saved_score_threshold_is_the_default_and_the_flag_overrides_it(run_dir, tmp_path):
+    run = tmp_path / "run"  # the run without the threshold its pipeline may have saved
+    run.mkdir()
+    for name in ("model_final.pth", "config_predict.yaml", "classes.json", "summary.json"):
+        shutil.copy(run_dir / name, run)
+    image = tmp_path / "one.png"
+    Image.fromarray(_image(TILE, TILE, 7)).save(image)
+
+    def predict(name: str, *flags: str) -> tuple[list[float], str]:
+        out = tmp_path / name
+        argv = ["--run", str(run), "--input", str(image), "--output", str(out), *flags]
+        _predict_cli(*argv, "--opts", "MODEL.DEVICE", "cpu")
+        results = json.loads((out / "predictions.json").read_text())
+        return sorted(r["score"] for r in results), (out / "log.txt").read_text()
+
+    scores, log = predict("default")
+    assert "score threshold 0.5 (default)" in log and min(scores, default=1) >= 0.5
+    every, log = predict("all", "--confidence-threshold", "0")
+    assert "score threshold 0 (--confidence-threshold)" in log
+    k = int(np.argmax(np.diff(every))) + 1  # between the two scores furthest apart: clear of
+    threshold = (every[k - 1] + every[k]) / 2  # the written scores' rounding
+    saved = {"score_threshold": threshold, "f1": 0.5, "iou": 0.5, "dataset": "tiny_val"}
+    saved["phase"] = "PRETRAIN"  # the phase of the run's final model
+    (run / "predict_threshold.json").write_text(json.dumps(saved))
+    scores, log = predict("saved")
+    assert scores == every[k:]
+    assert f"score threshold {threshold:.3g} (the run's F1-best on tiny_val)" in log
+    scores, log = predict("flag", "--confidence-threshold", "0")
+    assert scores == every and "score threshold 0 (--confidence-threshold)" in log
+    # The threshold belongs to the run's final model: not to another phase's.
+    assert run_score_threshold(run, "pretrain") == (threshold, "the run's F1-best on tiny_val")
+    assert run_score_threshold(run, "FINETUNE") is None
 
 
 def test_coco_box_ap_matches_pycocotools():

@@ -5,7 +5,10 @@ final evaluation); a rerun skips finished phases and resumes an interrupted one 
 complete, undamaged checkpoint (:class:`~direct_pretrain.checkpoint.SafeCheckpointer`). A phase
 folder remembers the config it was started with and a fingerprint of its datasets, and a rerun
 with a config or data that would change its result is refused, naming the keys or datasets.
-Every phase says in the log whether it is skipped, started, resumed or bridged. Works the same
+Every phase says in the log whether it is skipped, started, resumed or bridged. At the end it
+writes ``summary.json`` (per phase: box AP, AP50, AP75, per object size and per class), matches
+the final evaluation's detections to the test set (:mod:`.results`) to save the F1-best score
+threshold for prediction, writes the report and logs the AP table. Works the same
 for yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
 main process writes files; the others wait for it). Each phase's settings come from
 :func:`direct_pretrain.phases.resolve_phase`, through the config system.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -48,9 +52,11 @@ from .preflight import (
     warn_left_out_images,
     warn_unused_datasets,
 )
-from .report import write_report
+from .report import AP_KEYS, SIZE_KEYS, ap_table, write_report
+from .results import Matching, best_threshold, class_curves, curve, match_detections
 from .run_folder import (
     BRIDGED_FILE,
+    DETECTIONS_FILE,
     DONE_FILE,
     FINAL_MODEL,
     FINGERPRINT_FILE,
@@ -60,6 +66,7 @@ from .run_folder import (
     SUMMARY_FILE,
     export_for_prediction,
     read_done,
+    save_predict_threshold,
     saved_pixel_stats,
 )
 from .utils.dist import build_on_main
@@ -80,6 +87,8 @@ PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 RUN_DIR_VARIABLE = "$OUTPUT_DIR"
 # Phase-key prefix of the dataset fingerprints a phase folder remembers.
 DATA_PREFIX = "DATASET_FINGERPRINT."
+# IoU of a match for the F1-best score threshold and the precision-recall curves.
+MATCH_IOU = 0.5
 
 
 class PhaseStateError(RuntimeError):
@@ -374,9 +383,24 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
     return record
 
 
+def _finite(value):
+    """``value``, or None for NaN (as JSON keeps it)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _bbox(record: dict) -> dict:
+    """The record's box results for ``summary.json``: Detectron2's AP, AP50, AP75, APs, APm,
+    APl, and with more than one class ``per_class``: {name: {AP, AP50, AP75}} (Detectron2's
+    ``AP-<name>``, the evaluator's ``AP50-<name>`` and ``AP75-<name>``); NaN as None."""
     bbox = record.get("results", {}).get("bbox", {})
-    return {k: bbox[k] for k in ("AP", "AP50", "AP75") if k in bbox}
+    out = {k: _finite(bbox[k]) for k in AP_KEYS + SIZE_KEYS if k in bbox}
+    names = [k.removeprefix("AP-") for k in bbox if k.startswith("AP-")]
+    if names:
+        out["per_class"] = {
+            name: {k: _finite(bbox[f"{k}-{name}"]) for k in AP_KEYS if f"{k}-{name}" in bbox}
+            for name in names
+        }
+    return out
 
 
 def _ap_text(record: dict) -> str:
@@ -450,7 +474,9 @@ def run_pipeline(cfg) -> dict:
         )
         export_for_prediction(pcfg, system.output_dir(cfg))
         atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
-        _report(system, system.output_dir(cfg), phase, pcfg, summary, records)
+        matching = _save_score_threshold(system, system.output_dir(cfg), phase, pcfg)
+        _report(system, system.output_dir(cfg), phase, pcfg, summary, records, matching)
+        logger.info("Box AP (%s):\n%s", summary["output_dir"], ap_table(summary))
     comm.synchronize()
     return summary
 
@@ -484,11 +510,82 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and value == value
 
 
-def _report(
-    system: ConfigSystem, output_dir: str, phase: Phase, pcfg, summary: dict, records: dict
-) -> None:
-    """Write the run's report; a failure is logged, never fatal (the results are saved)."""
+def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
+    """The detections of the phase's final evaluation (``inference/coco_instances_results.json``
+    in its folder, of its last test set) matched to ``dataset``'s ground truth (its COCO json);
+    None where either is missing."""
+    json_file = MetadataCatalog.get(dataset).get("json_file", None)
+    detections = Path(system.output_dir(pcfg)) / "inference" / DETECTIONS_FILE
+    if json_file is None or not detections.is_file():
+        logger.info(
+            "No score threshold for prediction: %s",
+            f"{detections} not found" if json_file else f"dataset '{dataset}' has no COCO json",
+        )
+        return None
+    gt = json.loads(Path(json_file).read_text())
+    return match_detections(gt, json.loads(detections.read_text()), MATCH_IOU)
+
+
+def _save_score_threshold(
+    system: ConfigSystem, output_dir: str, phase: Phase, pcfg
+) -> Matching | None:
+    """Save the score threshold that maximises F1 over all classes (:mod:`.results`) on the
+    final model's last test set, for ``predict.py --run`` (or remove an earlier run's, where
+    there is none); return the matching. A failure is logged, never fatal."""
+    save_predict_threshold(output_dir, None)
+    if not phase.KIND.evaluates:
+        return None
+    dataset = system.split_names(pcfg)[1][-1]
     try:
+        matching = _match_final_detections(system, pcfg, dataset)
+    except Exception:  # noqa: BLE001 - an extra; the results are saved
+        logger.exception("Could not match the final detections; no score threshold saved.")
+        return None
+    best = best_threshold(curve(matching)) if matching is not None else None
+    if best is not None:
+        threshold, f1 = best
+        save_predict_threshold(
+            output_dir,
+            {
+                "score_threshold": threshold,
+                "f1": f1,
+                "iou": MATCH_IOU,
+                "dataset": dataset,
+                "phase": phase.NAME,
+            },
+        )
+        logger.info(
+            "F1-best score threshold on %s (all classes, IoU %s): %.3g (F1 %.3f); predict.py "
+            "--run uses it by default.",
+            dataset,
+            MATCH_IOU,
+            threshold,
+            f1,
+        )
+    return matching
+
+
+def _report(
+    system: ConfigSystem,
+    output_dir: str,
+    phase: Phase,
+    pcfg,
+    summary: dict,
+    records: dict,
+    matching: Matching | None,
+) -> None:
+    """Write the run's report (with ``matching``, the final model's precision-recall and F1
+    curves); a failure is logged, never fatal (the results are saved)."""
+    try:
+        pr_f1 = None
+        if matching is not None:
+            overall = curve(matching)
+            pr_f1 = {
+                "curves": class_curves(matching),
+                "overall": overall,
+                "threshold": best_threshold(overall),
+                "iou": matching.iou,
+            }
         predict = None
         if phase.KIND.evaluates:  # a detector
             predictor = Predictor(system.with_weights(pcfg, summary["final_model"]))
@@ -505,6 +602,7 @@ def _report(
             predict,
             system.dataset_names(pcfg)[-1],
             system.image_format(pcfg),
+            pr_f1,
         )
     except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
         logger.exception("Could not write the report; the results above are saved.")

@@ -1,4 +1,5 @@
-"""A small report of a pipeline run: AP table, loss curves, AP vs time, example detections.
+"""A small report of a pipeline run: AP tables, loss curves, AP vs time, precision-recall and
+F1 curves, example detections.
 
 Written to ``OUTPUT_DIR/report/`` by the pipeline (main process) after the last phase.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -21,29 +23,52 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from .data.images import read_image_checked  # noqa: E402
 from .utils.io import atomic_write_text  # noqa: E402
 
-__all__ = ["ap_table", "plot_ap_vs_time", "plot_losses", "draw_examples", "write_report"]
+__all__ = [
+    "ap_table",
+    "draw_examples",
+    "plot_ap_vs_time",
+    "plot_losses",
+    "plot_pr_f1",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
 LOSS_PREFIX = "loss_"
 DRAW_SIZE = 768  # example images are drawn at least this large (longer side, pixels)
+AP_KEYS = ("AP", "AP50", "AP75")
+SIZE_KEYS = ("APs", "APm", "APl")  # small, medium, large objects (COCO's areas)
+
+
+def _ap(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
 def ap_table(summary: dict) -> str:
-    """The summary's per-phase box AP as a Markdown table."""
+    """The summary's per-phase box AP (all objects and per object size) as a Markdown table,
+    then the last phase's AP per class (datasets of more than one class)."""
     lines = [
-        "| phase | iterations x batch | box AP | AP50 | AP75 | wall s |",
-        "|---|---|---|---|---|---|",
+        "| phase | iterations x batch | box AP | AP50 | AP75 | APs | APm | APl | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for phase, rec in summary["phases"].items():
-        ap = [
-            f"{rec[k]:.1f}" if isinstance(rec.get(k), (int, float)) else "-"
-            for k in ("AP", "AP50", "AP75")
-        ]
+        ap = " | ".join(_ap(rec.get(k)) for k in AP_KEYS + SIZE_KEYS)
         lines.append(
-            f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | "
-            f"{' | '.join(ap)} | {rec['wall_seconds']:.0f} |"
+            f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | {ap} | "
+            f"{rec['wall_seconds']:.0f} |"
         )
+    last = list(summary["phases"])[-1] if summary["phases"] else None
+    per_class = summary["phases"][last].get("per_class") if last else None
+    if per_class:
+        lines += [
+            "",
+            f"Per class ({last}):",
+            "",
+            "| class | AP | AP50 | AP75 |",
+            "|---|---|---|---|",
+        ]
+        for name, rec in per_class.items():
+            lines.append(f"| {name} | {' | '.join(_ap(rec.get(k)) for k in AP_KEYS)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,6 +140,47 @@ def plot_ap_vs_time(
     plt.close(fig)
 
 
+def plot_pr_f1(
+    curves: dict[str, Any],
+    overall: Any,
+    threshold: tuple[float, float] | None,
+    iou: float,
+    path: Path,
+) -> None:
+    """Left: precision against recall per class; right: F1 against the score threshold per
+    class and for all classes, the F1-best threshold marked.
+
+    Args:
+        curves: per class name, its :class:`direct_pretrain.results.Curve` (``scores``,
+            ``precision``, ``recall``, ``f1``); computed by the pipeline.
+        overall: the curve of all classes together.
+        threshold: (score threshold, F1) where the F1 of all classes is highest, or None.
+        iou: the IoU of a match.
+    """
+    fig, (pr_ax, f1_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, c in curves.items():
+        pr_ax.plot(c.recall, c.precision, label=name, linewidth=1)
+        f1_ax.plot(c.scores, c.f1, label=name, linewidth=1)
+    f1_ax.plot(overall.scores, overall.f1, color="black", linewidth=2, label="all classes")
+    if threshold is not None:
+        f1_ax.axvline(
+            threshold[0],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"F1-best {threshold[0]:.2f} (F1 {threshold[1]:.2f})",
+        )
+    pr_ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall per class, IoU {iou}")
+    f1_ax.set(xlabel="score threshold", ylabel="F1", title=f"F1 against the score, IoU {iou}")
+    for ax in (pr_ax, f1_ax):
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def draw_examples(
     predict,
     dataset_name: str,
@@ -161,6 +227,7 @@ def write_report(
     predict=None,
     dataset_name: str = "",
     image_format: str = "BGR",
+    pr_f1: dict | None = None,
 ) -> Path:
     """Write the report of a finished pipeline; return its folder.
 
@@ -170,6 +237,8 @@ def write_report(
         records: per phase, its ``phase_done.json`` record.
         predict: optional callable image (HWC, ``image_format``) -> Instances of the final
             model, to draw example detections on ``dataset_name``.
+        pr_f1: the arguments of :func:`plot_pr_f1` but ``path`` (the final model's curves),
+            to draw ``pr_f1.png``.
     """
     folder = Path(output_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,6 +247,8 @@ def write_report(
     curves = ap_vs_time(records)
     if curves:
         plot_ap_vs_time(curves, folder / "ap_vs_time.png", Path(output_dir).name)
+    if pr_f1 is not None:
+        plot_pr_f1(**pr_f1, path=folder / "pr_f1.png")
     if predict is not None and dataset_name:
         draw_examples(predict, dataset_name, image_format, folder / "examples")
     logger.info("Report written to %s", folder)

@@ -4,7 +4,8 @@ A run folder (``OUTPUT_DIR``) holds ``config.yaml`` (the pipeline config, writte
 starts), one folder per phase (``<phase>/phase_done.json`` once the phase has finished, its
 ``phase_config.yaml`` and ``phase_keys.json``), ``model_final.pth``, ``summary.json`` (both
 written when a run ends), and for prediction ``config_predict.yaml`` (a plain Detectron2
-config of the final model) and ``classes.json`` (class names and dataset category ids), so that
+config of the final model), ``classes.json`` (class names and dataset category ids) and
+``predict_threshold.json`` (the final model's F1-best score threshold on the test set), so that
 prediction needs neither the training set nor a registered dataset.
 """
 
@@ -28,6 +29,7 @@ from .utils.io import atomic_write_json, atomic_write_text
 __all__ = [
     "BRIDGED_FILE",
     "CLASSES_FILE",
+    "DETECTIONS_FILE",
     "DONE_FILE",
     "FINAL_MODEL",
     "FINGERPRINT_FILE",
@@ -35,6 +37,7 @@ __all__ = [
     "PHASE_KEYS_FILE",
     "PIPELINE_CONFIG_FILE",
     "PREDICT_CONFIG_FILE",
+    "PREDICT_THRESHOLD_FILE",
     "SUMMARY_FILE",
     "ClassInfo",
     "class_info",
@@ -43,7 +46,9 @@ __all__ = [
     "last_checkpoint_text",
     "last_phase_config",
     "read_done",
+    "read_predict_threshold",
     "run_last_phase",
+    "save_predict_threshold",
     "saved_pixel_stats",
 ]
 
@@ -62,6 +67,9 @@ FINGERPRINT_FILE = "fingerprint.json"  # the training set's sizes, as each phase
 FINAL_MODEL = "model_final.pth"
 PREDICT_CONFIG_FILE = "config_predict.yaml"
 CLASSES_FILE = "classes.json"
+PREDICT_THRESHOLD_FILE = "predict_threshold.json"
+# In a phase folder's inference/: the detections of its last evaluation (Detectron2's name).
+DETECTIONS_FILE = "coco_instances_results.json"
 # Project keys a model needs at inference, by what selects them (others are training-only).
 _MODEL_NODES = {
     "FCOS": lambda cfg: cfg.MODEL.META_ARCHITECTURE == "FCOSDetector",
@@ -145,6 +153,23 @@ def export_for_prediction(pcfg, output_dir: str) -> None:
             "category_ids": [ids.get(i, i) for i in range(len(names))],
         },
     )
+
+
+def save_predict_threshold(output_dir: str, threshold: dict | None) -> None:
+    """Write ``predict_threshold.json`` into the run folder: the score threshold ``predict.py
+    --run`` uses by default (``{"score_threshold", "f1", "iou", "dataset", "phase"}``: the
+    phase whose final model it belongs to); with None remove it (the final model has none)."""
+    path = Path(output_dir) / PREDICT_THRESHOLD_FILE
+    if threshold is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_json(path, threshold)
+
+
+def read_predict_threshold(run: Path) -> dict | None:
+    """The run's saved score threshold (:func:`save_predict_threshold`), or None."""
+    path = run / PREDICT_THRESHOLD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def last_phase_config(run: Path) -> Path:

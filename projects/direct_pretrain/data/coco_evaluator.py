@@ -1,10 +1,12 @@
-"""COCO evaluation restricted to the images actually evaluated when bad images are skipped."""
+"""COCO evaluation restricted to the images actually evaluated when bad images are skipped, with
+AP50 and AP75 per class."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 
+import numpy as np
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -18,7 +20,8 @@ _MAX_NAMES = 10
 
 
 class CheckedCOCOEvaluator(COCOEvaluator):
-    """:class:`COCOEvaluator` that, with ``skip_bad_images``, scores only the images it saw.
+    """:class:`COCOEvaluator` that, with ``skip_bad_images``, scores only the images it saw, and
+    adds ``AP50-<class>`` and ``AP75-<class>`` to the box results.
 
     With ``DIRECT_PRETRAIN.BAD_IMAGES: skip`` the evaluation mapper leaves unreadable test
     images out (:class:`~.data.mapper.CheckedDatasetMapper`); their ground truth must then be
@@ -52,6 +55,26 @@ class CheckedCOCOEvaluator(COCOEvaluator):
         if self.skip_bad_images and img_ids is None:
             img_ids = self._evaluated_ids()
         return super().evaluate(img_ids=img_ids)
+
+    def _derive_coco_results(
+        self, coco_eval, iou_type: str, class_names: list[str] | None = None
+    ) -> dict:
+        """Detectron2's results; for boxes of more than one class (where Detectron2 gives
+        ``AP-<class>``) also ``AP50-<class>`` and ``AP75-<class>``, read from the same
+        evaluation's precision array as Detectron2 reads ``AP-<class>`` (no second
+        evaluation): the mean precision over recall at that IoU, all areas, most detections."""
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+        if coco_eval is None or iou_type != "bbox" or class_names is None or len(class_names) < 2:
+            return results
+        precisions = coco_eval.eval["precision"]  # (IoU, recall, class, area range, max dets)
+        for iou in (50, 75):
+            t = int(np.argmin(np.abs(np.asarray(coco_eval.params.iouThrs) - iou / 100)))
+            for k, name in enumerate(class_names):
+                precision = precisions[t, :, k, 0, -1]
+                precision = precision[precision > -1]
+                ap = float(np.mean(precision)) * 100 if precision.size else float("nan")
+                results[f"AP{iou}-{name}"] = ap
+        return results
 
     def _evaluated_ids(self) -> list | None:
         """The image ids evaluated (all processes), or None if that is the whole dataset."""

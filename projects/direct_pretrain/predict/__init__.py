@@ -8,11 +8,18 @@ from ..predictor import Predictor, inference_size
 from ..run_folder import ClassInfo, class_info
 from .evaluate import coco_box_ap
 from .images import list_images, predict_images
-from .run import UnfinishedPhaseError, load_predict_config, load_run
+from .run import (
+    DEFAULT_SCORE_THRESHOLD,
+    UnfinishedPhaseError,
+    load_predict_config,
+    load_run,
+    run_score_threshold,
+)
 from .tiling import merge_tile_predictions, overlap_pixels, predict_tiled, tile_windows
 from .writers import OUTPUTS, PredictionWriter
 
 __all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
     "OUTPUTS",
     "ClassInfo",
     "PredictionWriter",
@@ -28,5 +35,6 @@ __all__ = [
     "overlap_pixels",
     "predict_images",
     "predict_tiled",
+    "run_score_threshold",
     "tile_windows",
 ]

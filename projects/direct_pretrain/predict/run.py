@@ -23,11 +23,21 @@ from ..run_folder import (
     last_checkpoint_text,
     last_phase_config,
     read_done,
+    read_predict_threshold,
     run_last_phase,
     saved_pixel_stats,
 )
 
-__all__ = ["UnfinishedPhaseError", "load_predict_config", "load_run"]
+__all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
+    "UnfinishedPhaseError",
+    "load_predict_config",
+    "load_run",
+    "run_score_threshold",
+]
+
+# The lowest score predicted with a model whose run saved no threshold for it.
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 class UnfinishedPhaseError(RuntimeError):
@@ -76,6 +86,18 @@ def load_run(
     if not config.is_file():
         config = last_phase_config(run)
     return load_predict_config(str(config), str(weights), opts, device)
+
+
+def run_score_threshold(
+    run_dir: str | os.PathLike, phase: str | None = None
+) -> tuple[float, str] | None:
+    """The score threshold the run saved for its final model (the one that maximises F1 on
+    its test set, ``predict_threshold.json``) and where it comes from, for a log line; None if
+    it saved none, or ``phase`` names another phase's final model."""
+    saved = read_predict_threshold(Path(run_dir))
+    if saved is None or (phase and phase.upper() != saved["phase"]):
+        return None
+    return float(saved["score_threshold"]), f"the run's F1-best on {saved['dataset']}"
 
 
 def _check_last_phase(run: Path) -> None:
