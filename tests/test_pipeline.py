@@ -128,6 +128,10 @@ def test_report_is_written(finished):
     assert len(examples) == 3  # the synthetic validation set has 3 images
     done = json.loads((out / "finetune" / "phase_done.json").read_text())
     assert done["eval_history"] and done["eval_history"][-1]["iteration"] == 2
+    index = (report / "index.md").read_text()  # one page: tables and every figure, inline
+    assert "| PRETRAIN |" in index and "![loss_curves](loss_curves.png)" in index
+    figures = [p.relative_to(report).as_posix() for p in report.rglob("*.*") if p.suffix != ".md"]
+    assert figures and all(f"]({f})" in index for f in figures)
 
 
 def test_report_holds_each_trained_phase_first_batch(finished):

@@ -13,6 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from direct_pretrain.confusion import confusion_matrix
 from direct_pretrain.pipeline import run_pipeline
 from direct_pretrain.results import best_threshold, class_curves, curve, match_detections
 
@@ -186,3 +187,20 @@ def test_pr_f1_curves_and_the_saved_score_threshold(three_class_run):
         "phase": "FINETUNE",
     }
     assert any(line.startswith("F1-best score threshold on tiny_val") for line in lines)
+
+
+def test_confusion_matrix_at_the_saved_threshold_in_summary_and_report(three_class_run):
+    run, _ = three_class_run
+    saved = run / "predict_threshold.json"
+    summary = json.loads((run / "summary.json").read_text())
+    if not saved.exists():  # no threshold, no confusion matrix
+        assert summary["confusion"] is None
+        return
+    gt = json.loads((run.parent / "val" / "annotations.json").read_text())
+    dets = json.loads((run / "finetune" / "inference" / "coco_instances_results.json").read_text())
+    threshold = json.loads(saved.read_text())["score_threshold"]
+    assert summary["confusion"] == confusion_matrix(gt, dets, threshold)
+    assert summary["confusion"]["classes"] == ["box", "box2", "box3", "background"]
+    objects = sum(not a.get("iscrowd", 0) for a in gt["annotations"])
+    assert sum(sum(row) for row in summary["confusion"]["matrix"][:3]) == objects
+    assert (run / "report" / "confusion.png").stat().st_size > 1000

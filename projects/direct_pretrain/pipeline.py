@@ -38,6 +38,7 @@ from .bridge import (
 )
 from .checkpoint import DamagedCheckpointError
 from .config_systems import ConfigSystem, system_of
+from .confusion import confusion_matrix, plot_confusion
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
@@ -52,7 +53,7 @@ from .preflight import (
     warn_left_out_images,
     warn_unused_datasets,
 )
-from .report import AP_KEYS, SIZE_KEYS, ap_table, write_report
+from .report import AP_KEYS, SIZE_KEYS, ap_table, write_index, write_report
 from .results import Matching, best_threshold, class_curves, curve, match_detections
 from .run_folder import (
     BRIDGED_FILE,
@@ -66,6 +67,7 @@ from .run_folder import (
     SUMMARY_FILE,
     export_for_prediction,
     read_done,
+    read_predict_threshold,
     save_predict_threshold,
     saved_pixel_stats,
 )
@@ -473,8 +475,9 @@ def run_pipeline(cfg) -> dict:
             {"model": state, "pixel_mean": mean, "pixel_std": std}, summary["final_model"]
         )
         export_for_prediction(pcfg, system.output_dir(cfg))
-        atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
         matching = _save_score_threshold(system, system.output_dir(cfg), phase, pcfg)
+        summary["confusion"] = _confusion(system, phase, pcfg, system.output_dir(cfg))
+        atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
         _report(system, system.output_dir(cfg), phase, pcfg, summary, records, matching)
         logger.info("Box AP (%s):\n%s", summary["output_dir"], ap_table(summary))
     comm.synchronize()
@@ -489,7 +492,7 @@ def _worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
     final model by them would select on the test data, so the run keeps the last phase's model
     and says where the better one is.
     """
-    scored = {name: rec["AP"] for name, rec in phases.items() if _finite(rec.get("AP"))}
+    scored = {name: rec["AP"] for name, rec in phases.items() if _is_number(rec.get("AP"))}
     last = list(phases)[-1] if phases else None
     if last not in scored:
         return []
@@ -506,24 +509,44 @@ def _worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
     return [message]
 
 
-def _finite(value) -> bool:
+def _is_number(value) -> bool:
+    """A finite AP (not None, not NaN)."""
     return isinstance(value, (int, float)) and value == value
 
 
-def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
-    """The detections of the phase's final evaluation (``inference/coco_instances_results.json``
-    in its folder, of its last test set) matched to ``dataset``'s ground truth (its COCO json);
+def _final_detections(system: ConfigSystem, pcfg, dataset: str) -> tuple[dict, list] | None:
+    """The ground truth of ``dataset`` (its COCO json) and the detections of the phase's final
+    evaluation (``inference/coco_instances_results.json`` in its folder, of its last test set);
     None where either is missing."""
     json_file = MetadataCatalog.get(dataset).get("json_file", None)
     detections = Path(system.output_dir(pcfg)) / "inference" / DETECTIONS_FILE
     if json_file is None or not detections.is_file():
         logger.info(
-            "No score threshold for prediction: %s",
+            "No score threshold nor confusion matrix: %s",
             f"{detections} not found" if json_file else f"dataset '{dataset}' has no COCO json",
         )
         return None
-    gt = json.loads(Path(json_file).read_text())
-    return match_detections(gt, json.loads(detections.read_text()), MATCH_IOU)
+    return json.loads(Path(json_file).read_text()), json.loads(detections.read_text())
+
+
+def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
+    """The final evaluation's detections matched to ``dataset``'s ground truth (or None)."""
+    found = _final_detections(system, pcfg, dataset)
+    return None if found is None else match_detections(*found, MATCH_IOU)
+
+
+def _confusion(system: ConfigSystem, phase: Phase, pcfg, output_dir: str) -> dict | None:
+    """The final model's confusion matrix on its last test set at the run's saved score
+    threshold (:mod:`.confusion`), or None (no threshold, not a detector). Never fatal."""
+    saved = read_predict_threshold(Path(output_dir))
+    if saved is None or not phase.KIND.evaluates:
+        return None
+    try:
+        found = _final_detections(system, pcfg, saved["dataset"])
+        return None if found is None else confusion_matrix(*found, saved["score_threshold"])
+    except Exception:  # noqa: BLE001 - an extra; the results are saved
+        logger.exception("Could not compute the confusion matrix.")
+        return None
 
 
 def _save_score_threshold(
@@ -604,6 +627,10 @@ def _report(
             system.image_format(pcfg),
             pr_f1,
         )
+        report = Path(output_dir) / "report"
+        if summary.get("confusion"):
+            plot_confusion(summary["confusion"], report / "confusion.png")
+        write_index(report, summary)
     except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
         logger.exception("Could not write the report; the results above are saved.")
 

@@ -220,6 +220,34 @@ def draw_examples(
     return paths
 
 
+# The report's figures, in the order the index shows them, with what each shows.
+_FIGURES = (
+    ("batches_*.jpg", "Training batches as the model receives them (first batch of each phase)"),
+    ("loss_curves.png", "Losses"),
+    ("ap_vs_time.png", "Box AP against training time"),
+    ("pr_f1.png", "Precision-recall and F1 against score (final model, IoU 0.5)"),
+    ("confusion.png", "Confusion matrix at the F1-best score threshold"),
+    ("examples/*.png", "Validation images: ground truth green, detections red"),
+)
+
+
+def write_index(folder: str | Path, summary: dict) -> Path:
+    """``report/index.md``: the AP tables, warnings and every figure in ``folder``, inline
+    (Markdown viewers show the images); written last, so it lists what exists."""
+    folder = Path(folder)
+    lines = [f"# Run {summary.get('output_dir', folder.parent)}", "", ap_table(summary)]
+    for warning in summary.get("warnings") or []:
+        lines += [f"> **Warning.** {warning}", ""]
+    for pattern, title in _FIGURES:
+        files = sorted(folder.glob(pattern))
+        if files:
+            lines += [f"## {title}", ""]
+            lines += [f"![{f.stem}]({f.relative_to(folder).as_posix()})" for f in files] + [""]
+    path = folder / "index.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
 def write_report(
     output_dir: str,
     summary: dict,
