@@ -2,8 +2,9 @@
 """Predict with a trained model on image files, folders and globs; large images are tiled.
 
 Takes a finished run folder (--run OUTPUT_DIR of train_net.py; with --phase, the final model of
-one of its finished phases) or a config file with weights, and writes COCO results JSON, a CSV
-with one box per row and images with the detections drawn.
+one of its finished phases), a config file with weights, or an export folder of
+tools/export_model.py (--model: its TorchScript or ONNX model), and writes COCO results JSON, a
+CSV with one box per row and images with the detections drawn.
 An image larger than the tile size (default: the last phase's test size) is predicted on
 overlapping tiles whose boxes are mapped back and merged. Unreadable files are reported by
 name and skipped.
@@ -15,6 +16,7 @@ Examples:
     python predict.py --run output/demo --phase PRETRAIN --input photos/ --output preds
     python predict.py --config-file output/demo/config_predict.yaml --input a.png \
         --output preds --opts MODEL.WEIGHTS output/demo/model_final.pth
+    python predict.py --model output/demo/export_ts --input photos/ --output preds
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import warnings
 
 # Known, harmless deprecation noise from detectron2 v0.6 on recent torch.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -34,6 +36,7 @@ from PIL import Image  # noqa: E402
 from direct_pretrain.predict import (  # noqa: E402
     DEFAULT_SCORE_THRESHOLD,
     OUTPUTS,
+    ExportedPredictor,
     PredictionWriter,
     Predictor,
     class_info,
@@ -62,6 +65,11 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a config (a run's config_predict.yaml or phase_config.yaml, a training config, "
         "or a plain Detectron2 config); weights from MODEL.WEIGHTS",
+    )
+    model.add_argument(
+        "--model",
+        metavar="EXPORT_DIR",
+        help="an export folder of tools/export_model.py (TorchScript or ONNX model, export.json)",
     )
     parser.add_argument(
         "--phase",
@@ -125,31 +133,41 @@ def main(args: argparse.Namespace) -> dict:
     logger = setup_project_logger(args.output)
     Image.MAX_IMAGE_PIXELS = None  # large orthophotos are what tiling is for
     files = list_images(args.input)
-    if args.run:
-        cfg, folder = load_run(args.run, args.opts, phase=args.phase), args.run
+    if args.model:
+        if args.opts:
+            raise ValueError("--opts does not apply to --model (an exported model)")
+        predictor = ExportedPredictor(args.model)
+        min_size, max_size = predictor.size
+        classes, source = predictor.classes, predictor.model_file
     else:
-        cfg = load_predict_config(args.config_file, opts=args.opts)
-        folder = os.path.dirname(os.path.abspath(args.config_file))
-    min_size, max_size = inference_size(cfg)
+        if args.run:
+            cfg = load_run(args.run, args.opts, phase=args.phase)
+            folder = args.run
+        else:
+            cfg = load_predict_config(args.config_file, opts=args.opts)
+            folder = os.path.dirname(os.path.abspath(args.config_file))
+        min_size, max_size = inference_size(cfg)
+        predictor = Predictor(cfg)
+        classes = class_info(cfg, folder)
+        source = cfg.MODEL.WEIGHTS if hasattr(cfg, "MODEL") else cfg.train.init_checkpoint
     tile = args.tile_size if args.tile_size is not None else max(min_size, 0)
     overlap = overlap_pixels(tile, args.tile_overlap) if tile > 0 else 0
-    threshold, source = args.confidence_threshold, "--confidence-threshold"
+    threshold, why = args.confidence_threshold, "--confidence-threshold"
     if threshold is None:
         saved = run_score_threshold(args.run, args.phase) if args.run else None
-        threshold, source = saved or (DEFAULT_SCORE_THRESHOLD, "default")
-    logger.info("score threshold %.3g (%s)", threshold, source)
-    predictor = Predictor(cfg)
+        threshold, why = saved or (DEFAULT_SCORE_THRESHOLD, "default")
+    logger.info("score threshold %.3g (%s)", threshold, why)
     logger.info(
         "Predicting on %d image file(s) with %s; test size %d (max %d); %s",
         len(files),
-        cfg.MODEL.WEIGHTS if hasattr(cfg, "MODEL") else cfg.train.init_checkpoint,
+        source,
         min_size,
         max_size,
         f"tiles {tile} px, overlap {overlap} px" if tile > 0 else "no tiling",
     )
     writer = PredictionWriter(
         args.output,
-        class_info(cfg, folder),
+        classes,
         tuple(args.save),
         os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]),
     )

@@ -2,11 +2,22 @@
 
 ``load_run(run_dir)`` returns the config of a run's final model (``DefaultPredictor`` takes
 it); ``predict.py`` at the repository root runs it on image files, folders and globs.
+``export_model`` writes it as TorchScript or ONNX (``tools/export_model.py``) and
+``ExportedPredictor`` predicts with that export.
 """
 
 from ..predictor import Predictor, inference_size
 from ..run_folder import ClassInfo, class_info
 from .evaluate import coco_box_ap
+from .export import (
+    EXPORT_FORMATS,
+    ExportedPredictor,
+    ExportError,
+    ExportMismatchError,
+    check_export,
+    check_images,
+    export_model,
+)
 from .images import list_images, predict_images
 from .run import (
     DEFAULT_SCORE_THRESHOLD,
@@ -20,13 +31,20 @@ from .writers import OUTPUTS, PredictionWriter
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
+    "EXPORT_FORMATS",
     "OUTPUTS",
     "ClassInfo",
+    "ExportError",
+    "ExportMismatchError",
+    "ExportedPredictor",
     "PredictionWriter",
     "Predictor",
     "UnfinishedPhaseError",
+    "check_export",
+    "check_images",
     "class_info",
     "coco_box_ap",
+    "export_model",
     "inference_size",
     "list_images",
     "load_predict_config",
