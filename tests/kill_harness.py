@@ -1,9 +1,10 @@
 """Run the tiny pipeline in this process and SIGKILL it at a chosen point (for test_resume).
 
-Usage: python kill_harness.py OUTPUT_DIR DATA_JSON KILL_POINT
+Usage: python kill_harness.py OUTPUT_DIR DATA_JSON KILL_POINT [KEY VALUE ...]
   DATA_JSON: {"train": [json, images], "val": [json, images]}
   KILL_POINT: "none", "iter:PHASE:N" (before iteration N), "write:NAME" (half-way through
   writing the file NAME), "eval:PHASE" (during the phase's evaluation).
+  KEY VALUE: config overrides (e.g. DATALOADER.NUM_WORKERS 2).
 The kill points are test instrumentation applied here by patching; the library has none.
 """
 
@@ -70,11 +71,12 @@ def install(kill_point: str) -> None:
 
 
 if __name__ == "__main__":
-    out, data_json, kill_point = sys.argv[1:]
+    out, data_json, kill_point, *overrides = sys.argv[1:]
     data = {k: tuple(v) for k, v in json.loads(Path(data_json).read_text()).items()}
     cfg = tiny_cfg(data, Path(out))
     for phase in ("PRETRAIN", "FINETUNE"):
         cfg.DIRECT_PRETRAIN[phase].MAX_ITER = 4
+    cfg.merge_from_list(overrides)
     setup_project_logger(out)
     install(kill_point)
     run_pipeline(cfg)

@@ -11,12 +11,9 @@ are left as they were, so drawing does not change the training that follows.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from PIL import Image
 
 from .config_systems import YacsSystem
 from .engine import DirectPretrainTrainer
+from .utils.rng import rng_kept
 
 __all__ = ["draw_batches", "first_batches", "model_images"]
 
@@ -41,18 +39,6 @@ DRAW_SIZE = 256  # tiles are drawn at least this large (longer side), by a whole
 COLUMNS = 4  # tiles per row of the grid
 GAP = 4  # pixels between tiles
 BOX_COLOR = (0, 0.8, 0)
-
-
-@contextlib.contextmanager
-def _random_states_kept() -> Iterator[None]:
-    """Restore the Python, NumPy and torch random states on exit."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def _model_inputs(item: dict) -> list[dict]:
@@ -75,8 +61,8 @@ def first_batches(pcfg: CfgNode, num_batches: int = 1) -> list[list[dict]]:
     cfg.defrost()
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.freeze()
-    with _random_states_kept():
-        loader = DirectPretrainTrainer.build_train_loader(cfg)
+    with rng_kept():
+        loader = DirectPretrainTrainer.build_train_loader(cfg, start_iter=0)
         if not comm.is_main_process():
             return []
         batches = itertools.islice(loader, num_batches)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, ContextManager, Iterator
 from urllib.parse import urlparse
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
@@ -24,6 +25,7 @@ __all__ = [
     "SafeCheckpointer",
     "checksum_path",
     "file_sha256",
+    "resume_iteration",
     "verify_checkpoint",
 ]
 
@@ -200,43 +202,60 @@ class SafeCheckpointer(DetectionCheckpointer):
         """fvcore's ``resume_or_load``, from the newest checkpoint that is not damaged."""
         if resume:
             if comm.is_main_process() and self.has_checkpoint():
-                self._fall_back_past_damaged()
+                settle_checkpoints(self.save_dir)
             comm.synchronize()
         return super().resume_or_load(path, resume=resume)
 
-    def _fall_back_past_damaged(self) -> None:
-        """Set aside damaged checkpoints from the last one back to the newest good one and tag
-        that one as the last; with none good, remove ``last_checkpoint`` (a fresh start)."""
-        last = os.path.basename(self.get_checkpoint_file())
-        older = sorted(
-            (n for n in os.listdir(self.save_dir) if _age(n) < _age(last)), key=_age, reverse=True
-        )
-        passed = []
-        for name in [last, *older]:
-            path = os.path.join(self.save_dir, name)
-            if not os.path.isfile(path):
-                logger.warning("Checkpoint '%s' is missing.", path)
-                passed.append(f"{name} (missing)")
-                continue
-            try:
-                checked = verify_checkpoint(path)
-            except DamagedCheckpointError as e:
-                target = _set_aside(path)
-                logger.warning("%s; setting it aside as %s.", e, target)
-                passed.append(f"{name} -> {os.path.basename(target)}")
-                continue
-            if not checked:
-                logger.info("%s has no recorded checksum: loading it unchecked.", path)
-            if passed:
-                logger.warning(
-                    "Resuming from %s, the newest good checkpoint, instead of %s.", path, last
-                )
-                self.tag_last_checkpoint(name)
-            return
-        os.remove(os.path.join(self.save_dir, "last_checkpoint"))
-        logger.warning(
-            "No good checkpoint is left in %s (%s): the phase restarts from its initial "
-            "weights.",
-            self.save_dir,
-            ", ".join(passed),
-        )
+
+def settle_checkpoints(folder: str) -> None:
+    """Set aside damaged checkpoints in ``folder`` from the last one back to the newest good
+    one and tag that one as the last; with none good, remove ``last_checkpoint`` (a fresh
+    start). Call it on the main process; a second call finds nothing to do."""
+    tag = os.path.join(folder, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return
+    last = Path(tag).read_text().strip()
+    older = sorted((n for n in os.listdir(folder) if _age(n) < _age(last)), key=_age, reverse=True)
+    passed = []
+    for name in [last, *older]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            logger.warning("Checkpoint '%s' is missing.", path)
+            passed.append(f"{name} (missing)")
+            continue
+        try:
+            checked = verify_checkpoint(path)
+        except DamagedCheckpointError as e:
+            target = _set_aside(path)
+            logger.warning("%s; setting it aside as %s.", e, target)
+            passed.append(f"{name} -> {os.path.basename(target)}")
+            continue
+        if not checked:
+            logger.info("%s has no recorded checksum: loading it unchecked.", path)
+        if passed:
+            logger.warning(
+                "Resuming from %s, the newest good checkpoint, instead of %s.", path, last
+            )
+            atomic_write_text(tag, name)
+        return
+    os.remove(tag)
+    logger.warning(
+        "No good checkpoint is left in %s (%s): the phase restarts from its initial weights.",
+        folder,
+        ", ".join(passed),
+    )
+
+
+def resume_iteration(folder: str) -> int:
+    """The iteration ``resume_or_load(resume=True)`` starts at in ``folder``: the one after
+    that of the newest good checkpoint (damaged ones set aside first, by the main process), 0
+    without one (read memory-mapped, so the weights are not read)."""
+    if comm.is_main_process():
+        settle_checkpoints(folder)
+    comm.synchronize()
+    last = Path(folder) / "last_checkpoint"
+    path = Path(folder) / last.read_text().strip() if last.is_file() else None
+    if path is None or not path.is_file():
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint.get("iteration", -1)) + 1

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -78,6 +79,7 @@ from .utils.io import (
     ensure_writable_dir,
     remove_partial_files,
 )
+from .utils.rng import derived_seed, seed_all
 
 __all__ = ["PhaseStateError", "evaluate_weights", "prepare_config", "run_pipeline"]
 
@@ -306,6 +308,15 @@ def _bridge_into(system: ConfigSystem, cfg, phase: Phase, pcfg, num_images: int)
     comm.synchronize()
 
 
+def _seed_phase(seed: int, name: str, step: str) -> None:
+    """Seed this process's random generators from (``seed``, rank, phase ``name``, ``step``)
+    before the phase's bridge or trainer is built: its random initial weights then do not
+    depend on what ran before in this process (a rerun skips finished phases and a done
+    bridge). A negative seed leaves them as they are."""
+    if seed >= 0:
+        seed_all(derived_seed(seed, comm.get_rank(), zlib.crc32(f"{name}/{step}".encode())))
+
+
 def _draw_batches(system: ConfigSystem, cfg, pcfg, phase: str) -> None:
     """Draw the phase's first training batch into ``report/batches_<PHASE>.jpg`` (every
     process: building the loader is collective); a failure is logged, never fatal."""
@@ -326,6 +337,7 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
             logger.info("Removed partial files of an interrupted run: %s", removed)
         system.save(pcfg, str(out / PHASE_CONFIG_FILE))
         atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(system, pcfg, fingerprints))
+    _seed_phase(system.seed(pcfg), phase.NAME, "train")
     trainer = build_trainer(pcfg)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
@@ -354,9 +366,9 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
         last = trainer.checkpointer.get_checkpoint_file() or "none (from the start)"
         raise FloatingPointError(
             f"phase {phase.NAME}: training diverged at iteration {trainer.iter} ({e}). Last good "
-            f"checkpoint: {last}. Rerunning resumes from it (the data order differs after a "
-            "resume); if it diverges again, lower the phase's BASE_LR or raise WARMUP_ITERS "
-            f"and restart the phase by deleting {out}."
+            f"checkpoint: {last}. Rerunning resumes from it and repeats the same iterations (on "
+            "CPU exactly): lower the phase's BASE_LR or raise WARMUP_ITERS and restart the "
+            f"phase by deleting {out}."
         ) from e
     problem = unhealthy_weights(trainer.checkpointer.model.state_dict())
     if problem:
@@ -451,6 +463,7 @@ def run_pipeline(cfg) -> dict:
                 _ap_text(record),
             )
         else:
+            _seed_phase(system.seed(cfg), name, "bridge")
             _draw_batches(system, cfg, pcfg, name)
             if from_previous:
                 _bridge_into(system, cfg, phase, pcfg, num_images)

@@ -142,7 +142,6 @@ def _set_data(cfg: DictConfig, node: Phase) -> None:
     for mapper in (train.mapper, test.mapper):
         mapper._target_ = CheckedDatasetMapper
         mapper.skip_bad_images = skip_bad
-    train.mapper.seed = cfg.train.get("seed", 0)
     train.mapper.augmentations = [
         L(cls)(**kwargs) for cls, kwargs in node.augmentation_specs(cfg.model.pixel_mean)
     ]
@@ -263,6 +262,9 @@ class LazySystem(ConfigSystem):
 
     def device(self, cfg):
         return cfg.train.device
+
+    def seed(self, cfg):
+        return cfg.train.get("seed", -1)  # as Detectron2's default_setup reads it
 
     def num_classes(self, cfg):
         model = cfg.model

@@ -151,6 +151,9 @@ class YacsSystem(ConfigSystem):
     def device(self, cfg):
         return cfg.MODEL.DEVICE
 
+    def seed(self, cfg):
+        return cfg.SEED
+
     def num_classes(self, cfg):
         key = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
         return {} if key is None else {key: lookup(cfg, key)}

@@ -33,8 +33,10 @@ class CheckedDatasetMapper(DatasetMapper):
     against the dataset's width/height before any augmentation; a bad image is a
     :class:`BadImageError` naming the file. With ``skip_bad_images``
     (``DIRECT_PRETRAIN.BAD_IMAGES: skip``) a bad image is logged and counted (``skipped``, per
-    loader worker) and, in training, replaced by a random other image of ``fallback``; in
-    evaluation it becomes a stand-in that :class:`WithoutSkipped` removes from the batches.
+    loader worker) and, in training, replaced by a random other image of ``fallback`` (drawn
+    from Python's global generator, like the augmentations, which
+    :mod:`~direct_pretrain.data.resumable` seeds per sample); in evaluation it becomes a
+    stand-in that :class:`WithoutSkipped` removes from the batches.
     """
 
     @configurable
@@ -44,21 +46,18 @@ class CheckedDatasetMapper(DatasetMapper):
         *,
         skip_bad_images: bool = False,
         fallback: Sequence[dict] | None = None,
-        seed: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(is_train, **kwargs)
         self.skip_bad_images = skip_bad_images
         self.fallback = fallback
         self.skipped = 0
-        self._rng = random.Random(seed)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
         return {
             **super().from_config(cfg, is_train),
             "skip_bad_images": cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip",
-            "seed": cfg.SEED,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -79,7 +78,7 @@ class CheckedDatasetMapper(DatasetMapper):
                 )
                 if not self.is_train:
                     return {**_identity(dataset_dict), SKIPPED_IMAGE: str(e)}
-                dataset_dict = self.fallback[self._rng.randrange(len(self.fallback))]
+                dataset_dict = self.fallback[random.randrange(len(self.fallback))]
         raise BadImageError(
             f"{MAX_CONSECUTIVE_SKIPS} bad images in a row (last: {last}); is the image folder "
             "right?"

@@ -13,8 +13,28 @@ from detectron2.utils import comm
 
 from ..modeling.norm_eval import BackboneNormEval
 from ..phases import Phase
+from ..utils.rng import derived_seed, seed_all
 
-__all__ = ["AllRanksFinite", "PhaseTimer", "phase_hooks"]
+__all__ = ["AllRanksFinite", "PhaseTimer", "SeededIterations", "phase_hooks", "run_seed"]
+
+
+def run_seed(seed: int) -> int:
+    """``seed``, or where it is negative a random one shared by all processes (collective)."""
+    return seed if seed >= 0 else comm.shared_random_seed()
+
+
+class SeededIterations(HookBase):
+    """Seeds this process's Python, NumPy and torch (CPU, GPUs) random generators before each
+    iteration from (``seed``, process rank, iteration): the iteration's random draws (RPN and
+    RoI sampling, drop-path) are then the same in a resumed phase as in an uninterrupted one,
+    whatever ran before it (the resume, an evaluation, PreciseBN). Register it first."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rank = comm.get_rank()
+
+    def before_step(self) -> None:
+        seed_all(derived_seed(self.seed, self.rank, self.trainer.iter))
 
 
 class PhaseTimer(HookBase):

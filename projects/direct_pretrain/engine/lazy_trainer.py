@@ -14,18 +14,20 @@ from functools import partial
 import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetFromList
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..checkpoint import SafeCheckpointer
+from ..checkpoint import SafeCheckpointer, resume_iteration
 from ..config_systems import LazySystem
 from ..data.datasets import cache_dir
 from ..data.mapper import WithoutSkipped
 from ..data.resized_cache import maybe_resized
+from ..data.resumable import resumable_train_loader
 from ..utils.dist import build_on_main
-from .hooks import PhaseTimer, phase_hooks
+from .hooks import PhaseTimer, SeededIterations, phase_hooks, run_seed
 from .stop import GracefulStop
 
 __all__ = ["LazyPhaseTrainer", "lazy_evaluate"]
@@ -80,6 +82,7 @@ class LazyPhaseTrainer:
             checkpointing["max_to_keep"] = max(2, checkpointing["max_to_keep"])
         self.trainer.register_hooks(
             [
+                SeededIterations(run_seed(LazySystem().seed(cfg))),
                 self.timer,
                 *phase_hooks(cfg, phase),
                 hooks.IterationTimer(),
@@ -100,7 +103,9 @@ class LazyPhaseTrainer:
 
     @staticmethod
     def _train_loader(cfg: DictConfig):
-        """``dataloader.train`` with the checked mapper drawing skips from the same dataset."""
+        """``dataloader.train``'s dataset, mapper and sizes in a loader that starts where
+        ``resume_or_load`` resumes (:func:`~direct_pretrain.data.resumable.resumable_train_loader`),
+        the checked mapper drawing skips from the same dataset."""
         loader_cfg = copy.deepcopy(cfg.dataloader.train)
         phase = LazySystem().phase(cfg)
         dicts, cache = instantiate(loader_cfg.dataset), cache_dir(cfg.DIRECT_PRETRAIN)
@@ -112,8 +117,17 @@ class LazyPhaseTrainer:
         dataset = DatasetFromList(resized, copy=False)
         mapper = instantiate(loader_cfg.mapper)
         mapper.fallback = dataset
-        loader_cfg.dataset, loader_cfg.mapper = dataset, mapper
-        return instantiate(loader_cfg)
+        seed = run_seed(LazySystem().seed(cfg))
+        return resumable_train_loader(
+            dataset,
+            mapper,
+            TrainingSampler(len(dataset), seed=seed),
+            seed=seed,
+            start_iter=resume_iteration(cfg.train.output_dir),
+            total_batch_size=loader_cfg.total_batch_size,
+            aspect_ratio_grouping=loader_cfg.get("aspect_ratio_grouping", True),
+            num_workers=loader_cfg.num_workers,
+        )
 
     @property
     def iter(self) -> int:

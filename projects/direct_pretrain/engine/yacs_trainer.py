@@ -9,36 +9,37 @@ phase's hooks.
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from functools import partial
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import (
-    DatasetFromList,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import DatasetFromList, build_detection_test_loader
 from detectron2.data import transforms as T
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..checkpoint import SafeCheckpointer
+from ..checkpoint import SafeCheckpointer, resume_iteration
 from ..config_systems import YacsSystem, training_dicts
 from ..data.coco_evaluator import CheckedCOCOEvaluator
 from ..data.datasets import cache_dir
 from ..data.mapper import CheckedDatasetMapper, WithoutSkipped
 from ..data.resized_cache import maybe_resized
+from ..data.resumable import resumable_train_loader
 from ..modeling import NO_DECAY_PARAMS
 from ..utils.dist import build_on_main
 from ..utils.env import has_cpp_ops
-from .hooks import PhaseTimer, phase_hooks
+from .hooks import PhaseTimer, SeededIterations, phase_hooks, run_seed
 from .stop import GracefulStop
 
 __all__ = ["DirectPretrainTrainer", "build_train_augmentations", "phase_training_dicts"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_train_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
@@ -58,6 +59,21 @@ def phase_training_dicts(cfg: CfgNode) -> list[dict]:
     )
 
 
+def _train_sampler(cfg: CfgNode, dicts: list[dict], seed: int) -> TrainingSampler:
+    """Detectron2's training sampler of ``DATALOADER.SAMPLER_TRAIN``, with ``seed``."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "TrainingSampler":
+        return TrainingSampler(len(dicts), seed=seed)
+    if name == "RepeatFactorTrainingSampler":
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dicts, cfg.DATALOADER.REPEAT_THRESHOLD
+        )
+        return RepeatFactorTrainingSampler(factors, seed=seed)
+    raise ValueError(
+        f"DATALOADER.SAMPLER_TRAIN {name!r}: TrainingSampler or RepeatFactorTrainingSampler"
+    )
+
+
 class DirectPretrainTrainer(DefaultTrainer):
     """DefaultTrainer whose model, loader and optimizer follow the config's current phase."""
 
@@ -66,15 +82,38 @@ class DirectPretrainTrainer(DefaultTrainer):
         return YacsSystem().build_model(cfg)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
+    def build_train_loader(cls, cfg: CfgNode, start_iter: int | None = None):
+        """The phase's training loader; its first batch is that of iteration ``start_iter``
+        (by default the one ``resume_or_load`` resumes at), as in an uninterrupted phase (see
+        :func:`~direct_pretrain.data.resumable.resumable_train_loader` for when exactly)."""
         loader = YacsSystem().phase(cfg).KIND.build_train_loader(cfg)
         if loader is not None:  # e.g. AlignDet's two-view box-domain loader
             return loader
-        dataset = DatasetFromList(phase_training_dicts(cfg), copy=False)
+        dicts = phase_training_dicts(cfg)
+        dataset = DatasetFromList(dicts, copy=False)
         mapper = CheckedDatasetMapper(
             cfg, is_train=True, fallback=dataset, augmentations=build_train_augmentations(cfg)
         )
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        start_iter = resume_iteration(cfg.OUTPUT_DIR) if start_iter is None else start_iter
+        grouping = cfg.DATALOADER.ASPECT_RATIO_GROUPING
+        if start_iter > 0 and grouping and len({d["width"] > d["height"] for d in dicts}) > 1:
+            logger.warning(
+                "Resuming at iteration %d with images both wider than tall and not: with "
+                "DATALOADER.ASPECT_RATIO_GROUPING the batches from here differ from an "
+                "uninterrupted run's (the groups' partly filled batches are not kept).",
+                start_iter,
+            )
+        seed = run_seed(cfg.SEED)
+        return resumable_train_loader(
+            dataset,
+            mapper,
+            _train_sampler(cfg, dicts, seed),
+            seed=seed,
+            start_iter=start_iter,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=grouping,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -111,6 +150,19 @@ class DirectPretrainTrainer(DefaultTrainer):
             skip_bad_images=cfg.DIRECT_PRETRAIN.BAD_IMAGES == "skip",
         )
 
+    def state_dict(self) -> dict:
+        """DefaultTrainer's state, with the optimizer's where Detectron2 leaves it out (v0.6
+        saves neither its SimpleTrainer's state nor the optimizer: momentum would restart)."""
+        state = super().state_dict()
+        if "_trainer" not in state:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "optimizer" in state:  # older checkpoints have none
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def build_hooks(self):
         """Detectron2's default hooks, with atomic checkpoints on every process, a resumable
         timer, the phase's hooks and evaluation recorded by the timer."""
@@ -130,6 +182,7 @@ class DirectPretrainTrainer(DefaultTrainer):
         evaluation = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate)
         default = [evaluation if isinstance(h, hooks.EvalHook) else h for h in default]
         return [
+            SeededIterations(run_seed(self.cfg.SEED)),
             self.timer,
             *phase_hooks(self.cfg, phase),
             *default,
