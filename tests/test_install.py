@@ -170,3 +170,10 @@ def test_launch_and_ddp_on_cpu(tmp_path):
     result = tmp_path / "result.txt"
     launch(_all_reduce_on_cpu, 2, dist_url="auto", args=(str(result),))
     assert result.read_text() == "3.0 DistributedDataParallel"
+
+
+def test_export_package_imports():
+    """``export-optional-caffe2``: Detectron2's tracing export imports without caffe2."""
+    from detectron2.export import TracingAdapter, scripting_with_instances
+
+    assert callable(TracingAdapter) and callable(scripting_with_instances)

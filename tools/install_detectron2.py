@@ -134,6 +134,16 @@ FIXES: tuple[Fix, ...] = (
         r"        torch.cuda.set_device(local_rank)\n",
     ),
     Fix(
+        key="export-optional-caffe2",
+        reason="detectron2.export imported its Caffe2 export API first, which needs caffe2 "
+        "(gone from torch 2); it is now optional, as upstream main makes it, so TracingAdapter "
+        "and the TorchScript helpers import",
+        files=("detectron2/export/__init__.py",),
+        pattern=r"^from \.api import \*\n",
+        replacement="try:\n    from .api import *\nexcept ImportError:  # caffe2 (torch 1 only)\n"
+        "    pass\n",
+    ),
+    Fix(
         key="ddp-cpu-device-ids",
         reason="create_ddp_model passed device_ids, which DistributedDataParallel rejects for "
         "CPU modules; they are now passed only when the model is on a GPU",

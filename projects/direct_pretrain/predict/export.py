@@ -9,10 +9,8 @@ normalisation and padding are inside it. ``export.json`` beside it says the rest
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
+from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.postprocessing import detector_postprocess
@@ -64,23 +63,6 @@ class ExportError(RuntimeError):
 
 class ExportMismatchError(ExportError):
     """The exported model's predictions differ from the PyTorch model's."""
-
-
-def _tracing_adapter() -> type:
-    """Detectron2's ``TracingAdapter``. v0.6's ``detectron2/export/__init__.py`` first imports
-    its Caffe2 API, which torch 2 no longer has; then the package is loaded without it (as
-    upstream Detectron2 does since), and only ``export.flatten`` is imported."""
-    try:
-        from detectron2.export import TracingAdapter
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("caffe2"):
-            raise
-        package = importlib.util.module_from_spec(importlib.util.find_spec("detectron2.export"))
-        sys.modules["detectron2.export"] = package
-        from detectron2.export.flatten import TracingAdapter
-
-        package.TracingAdapter = TracingAdapter
-    return TracingAdapter
 
 
 def _refusal(model: nn.Module) -> str:
@@ -186,7 +168,7 @@ def export_model(
     min_size, max_size = inference_size(cfg)
     images = list(images) or [_sample_image(min_size)]
     image = _model_input(images[0], predictor.aug, predictor.input_format)
-    adapter = _tracing_adapter()(model, [{"image": image}], _inference).eval()
+    adapter = TracingAdapter(model, [{"image": image}], _inference).eval()
     out = Path(output_dir)
     ensure_writable_dir(out, "--output")
     path = out / EXPORT_FORMATS[fmt]
