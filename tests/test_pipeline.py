@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from direct_pretrain.bridge import BridgeError
-from direct_pretrain.pipeline import PhaseStateError, _ap_text, evaluate_weights, run_pipeline
+from direct_pretrain.outcome import ap_text
+from direct_pretrain.pipeline import PhaseStateError, evaluate_weights, run_pipeline
 
 from conftest import tiny_cfg
 
@@ -70,9 +71,9 @@ def test_skip_line_states_the_finished_phase_ap():
     def record(ap: object) -> dict:
         return {"results": {"bbox": {"AP": ap, "AP50": 30.0}}}
 
-    assert _ap_text(record(12.345)) == "box AP 12.3"
-    assert _ap_text(record(None)) == "box AP nan"  # a NaN AP, as JSON keeps it
-    assert _ap_text({"results": {}}) == "not evaluated"  # e.g. AlignDet's box-domain phase
+    assert ap_text(record(12.345)) == "box AP 12.3"
+    assert ap_text(record(None)) == "box AP nan"  # a NaN AP, as JSON keeps it
+    assert ap_text({"results": {}}) == "not evaluated"  # e.g. AlignDet's box-domain phase
 
 
 def test_rerun_with_a_result_changing_config_is_refused(finished):

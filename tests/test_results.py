@@ -116,7 +116,7 @@ def three_class_run(tmp_path_factory) -> tuple[Path, list[str]]:
     cfg = tiny_cfg(data, root / "run")
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained model: keep every detection
-    handler, logger = _Lines(), logging.getLogger("direct_pretrain.pipeline")
+    handler, logger = _Lines(), logging.getLogger("direct_pretrain")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -79,16 +79,16 @@ def test_the_bridge_refuses_broken_weights_naming_the_file(tmp_path):
 
 
 def test_a_last_phase_below_an_earlier_one_is_said_and_kept_in_the_summary(caplog):
-    from direct_pretrain.pipeline import _worse_than_earlier
+    from direct_pretrain.outcome import worse_than_earlier
 
     phases = {"PRETRAIN": {"AP": 28.8}, "FINETUNE": {"AP": 21.8}}
     with caplog.at_level(logging.WARNING):
-        warnings = _worse_than_earlier(phases, ["scenes_val"])
+        warnings = worse_than_earlier(phases, ["scenes_val"])
     assert warnings == [caplog.records[-1].getMessage()]
     assert warnings[0].startswith(
         "The last phase, FINETUNE, ends below phase PRETRAIN on scenes_val: box AP 21.8 against "
         "28.8. model_final.pth is the FINETUNE model; the PRETRAIN model is "
         "pretrain/model_final.pth (predict.py --run OUTPUT_DIR --phase PRETRAIN)."
     )
-    assert _worse_than_earlier({"PRETRAIN": {"AP": 9.0}, "FINETUNE": {"AP": 12.0}}, ["v"]) == []
-    assert _worse_than_earlier({"PRETRAIN": {"AP": 9.0}, "FINETUNE": {"AP": None}}, ["v"]) == []
+    assert worse_than_earlier({"PRETRAIN": {"AP": 9.0}, "FINETUNE": {"AP": 12.0}}, ["v"]) == []
+    assert worse_than_earlier({"PRETRAIN": {"AP": 9.0}, "FINETUNE": {"AP": None}}, ["v"]) == []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 import zlib
@@ -39,13 +38,19 @@ from .bridge import (
 )
 from .checkpoint import DamagedCheckpointError
 from .config_systems import ConfigSystem, system_of
-from .confusion import confusion_matrix, plot_confusion
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
+from .outcome import (
+    ap_text,
+    confusion_of_final,
+    phase_results,
+    save_score_threshold,
+    worse_than_earlier,
+    write_run_report,
+)
 from .phase_kinds import config_key_applies
 from .phases import Phase, active_phases
-from .predictor import Predictor
 from .preflight import (
     check_num_classes,
     check_weights_used,
@@ -54,11 +59,9 @@ from .preflight import (
     warn_left_out_images,
     warn_unused_datasets,
 )
-from .report import AP_KEYS, SIZE_KEYS, ap_table, write_index, write_report
-from .results import Matching, best_threshold, class_curves, curve, match_detections
+from .report import ap_table
 from .run_folder import (
     BRIDGED_FILE,
-    DETECTIONS_FILE,
     DONE_FILE,
     FINAL_MODEL,
     FINGERPRINT_FILE,
@@ -68,8 +71,6 @@ from .run_folder import (
     SUMMARY_FILE,
     export_for_prediction,
     read_done,
-    read_predict_threshold,
-    save_predict_threshold,
     saved_pixel_stats,
 )
 from .utils.dist import build_on_main
@@ -91,8 +92,6 @@ PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 RUN_DIR_VARIABLE = "$OUTPUT_DIR"
 # Phase-key prefix of the dataset fingerprints a phase folder remembers.
 DATA_PREFIX = "DATASET_FINGERPRINT."
-# IoU of a match for the F1-best score threshold and the precision-recall curves.
-MATCH_IOU = 0.5
 
 
 class PhaseStateError(RuntimeError):
@@ -397,34 +396,6 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
     return record
 
 
-def _finite(value):
-    """``value``, or None for NaN (as JSON keeps it)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _bbox(record: dict) -> dict:
-    """The record's box results for ``summary.json``: Detectron2's AP, AP50, AP75, APs, APm,
-    APl, and with more than one class ``per_class``: {name: {AP, AP50, AP75}} (Detectron2's
-    ``AP-<name>``, the evaluator's ``AP50-<name>`` and ``AP75-<name>``); NaN as None."""
-    bbox = record.get("results", {}).get("bbox", {})
-    out = {k: _finite(bbox[k]) for k in AP_KEYS + SIZE_KEYS if k in bbox}
-    names = [k.removeprefix("AP-") for k in bbox if k.startswith("AP-")]
-    if names:
-        out["per_class"] = {
-            name: {k: _finite(bbox[f"{k}-{name}"]) for k in AP_KEYS if f"{k}-{name}" in bbox}
-            for name in names
-        }
-    return out
-
-
-def _ap_text(record: dict) -> str:
-    """The record's final box AP for a log line (JSON keeps a NaN AP as null)."""
-    bbox = _bbox(record)
-    if "AP" not in bbox:
-        return "not evaluated"
-    return "box AP nan" if bbox["AP"] is None else f"box AP {bbox['AP']:.1f}"
-
-
 def run_pipeline(cfg) -> dict:
     """Run every active phase of ``cfg`` in order; return and write ``summary.json``.
 
@@ -460,7 +431,7 @@ def run_pipeline(cfg) -> dict:
                 "Phase %s: already finished in %s (%s); skipping it.",
                 name,
                 system.output_dir(pcfg),
-                _ap_text(record),
+                ap_text(record),
             )
         else:
             _seed_phase(system.seed(cfg), name, "bridge")
@@ -471,13 +442,13 @@ def run_pipeline(cfg) -> dict:
         final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
         records[name] = record
         summary["phases"][name] = {
-            **_bbox(record),
+            **phase_results(record),
             "wall_seconds": record["wall_seconds"],
             "eval_seconds": record["eval_seconds"],
             "iterations": record["iterations"],
             "ims_per_batch": record["ims_per_batch"],
         }
-    summary["warnings"] = _worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
+    summary["warnings"] = worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
     summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
@@ -488,164 +459,13 @@ def run_pipeline(cfg) -> dict:
             {"model": state, "pixel_mean": mean, "pixel_std": std}, summary["final_model"]
         )
         export_for_prediction(pcfg, system.output_dir(cfg))
-        matching = _save_score_threshold(system, system.output_dir(cfg), phase, pcfg)
-        summary["confusion"] = _confusion(system, phase, pcfg, system.output_dir(cfg))
+        matching = save_score_threshold(system, system.output_dir(cfg), phase, pcfg)
+        summary["confusion"] = confusion_of_final(system, phase, pcfg, system.output_dir(cfg))
         atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
-        _report(system, system.output_dir(cfg), phase, pcfg, summary, records, matching)
+        write_run_report(system, system.output_dir(cfg), phase, pcfg, summary, records, matching)
         logger.info("Box AP (%s):\n%s", summary["output_dir"], ap_table(summary))
     comm.synchronize()
     return summary
-
-
-def _worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
-    """A warning (logged, and kept in the summary) when the last phase ends below an earlier
-    phase's box AP on the test sets: the run's final model is then not its best one.
-
-    Both were evaluated on the same test sets, each at its own phase's test size; choosing the
-    final model by them would select on the test data, so the run keeps the last phase's model
-    and says where the better one is.
-    """
-    scored = {name: rec["AP"] for name, rec in phases.items() if _is_number(rec.get("AP"))}
-    last = list(phases)[-1] if phases else None
-    if last not in scored:
-        return []
-    best = max(scored, key=scored.get)
-    if scored[best] <= scored[last]:
-        return []
-    message = (
-        f"The last phase, {last}, ends below phase {best} on {', '.join(test_names)}: box AP "
-        f"{scored[last]:.1f} against {scored[best]:.1f}. model_final.pth is the {last} model; the "
-        f"{best} model is {best.lower()}/model_final.pth (predict.py --run OUTPUT_DIR --phase "
-        f"{best}). Check {last}'s settings (its size, LR and length) before trusting it."
-    )
-    logger.warning(message)
-    return [message]
-
-
-def _is_number(value) -> bool:
-    """A finite AP (not None, not NaN)."""
-    return isinstance(value, (int, float)) and value == value
-
-
-def _final_detections(system: ConfigSystem, pcfg, dataset: str) -> tuple[dict, list] | None:
-    """The ground truth of ``dataset`` (its COCO json) and the detections of the phase's final
-    evaluation (``inference/coco_instances_results.json`` in its folder, of its last test set);
-    None where either is missing."""
-    json_file = MetadataCatalog.get(dataset).get("json_file", None)
-    detections = Path(system.output_dir(pcfg)) / "inference" / DETECTIONS_FILE
-    if json_file is None or not detections.is_file():
-        logger.info(
-            "No score threshold nor confusion matrix: %s",
-            f"{detections} not found" if json_file else f"dataset '{dataset}' has no COCO json",
-        )
-        return None
-    return json.loads(Path(json_file).read_text()), json.loads(detections.read_text())
-
-
-def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
-    """The final evaluation's detections matched to ``dataset``'s ground truth (or None)."""
-    found = _final_detections(system, pcfg, dataset)
-    return None if found is None else match_detections(*found, MATCH_IOU)
-
-
-def _confusion(system: ConfigSystem, phase: Phase, pcfg, output_dir: str) -> dict | None:
-    """The final model's confusion matrix on its last test set at the run's saved score
-    threshold (:mod:`.confusion`), or None (no threshold, not a detector). Never fatal."""
-    saved = read_predict_threshold(Path(output_dir))
-    if saved is None or not phase.KIND.evaluates:
-        return None
-    try:
-        found = _final_detections(system, pcfg, saved["dataset"])
-        return None if found is None else confusion_matrix(*found, saved["score_threshold"])
-    except Exception:  # noqa: BLE001 - an extra; the results are saved
-        logger.exception("Could not compute the confusion matrix.")
-        return None
-
-
-def _save_score_threshold(
-    system: ConfigSystem, output_dir: str, phase: Phase, pcfg
-) -> Matching | None:
-    """Save the score threshold that maximises F1 over all classes (:mod:`.results`) on the
-    final model's last test set, for ``predict.py --run`` (or remove an earlier run's, where
-    there is none); return the matching. A failure is logged, never fatal."""
-    save_predict_threshold(output_dir, None)
-    if not phase.KIND.evaluates:
-        return None
-    dataset = system.split_names(pcfg)[1][-1]
-    try:
-        matching = _match_final_detections(system, pcfg, dataset)
-    except Exception:  # noqa: BLE001 - an extra; the results are saved
-        logger.exception("Could not match the final detections; no score threshold saved.")
-        return None
-    best = best_threshold(curve(matching)) if matching is not None else None
-    if best is not None:
-        threshold, f1 = best
-        save_predict_threshold(
-            output_dir,
-            {
-                "score_threshold": threshold,
-                "f1": f1,
-                "iou": MATCH_IOU,
-                "dataset": dataset,
-                "phase": phase.NAME,
-            },
-        )
-        logger.info(
-            "F1-best score threshold on %s (all classes, IoU %s): %.3g (F1 %.3f); predict.py "
-            "--run uses it by default.",
-            dataset,
-            MATCH_IOU,
-            threshold,
-            f1,
-        )
-    return matching
-
-
-def _report(
-    system: ConfigSystem,
-    output_dir: str,
-    phase: Phase,
-    pcfg,
-    summary: dict,
-    records: dict,
-    matching: Matching | None,
-) -> None:
-    """Write the run's report (with ``matching``, the final model's precision-recall and F1
-    curves); a failure is logged, never fatal (the results are saved)."""
-    try:
-        pr_f1 = None
-        if matching is not None:
-            overall = curve(matching)
-            pr_f1 = {
-                "curves": class_curves(matching),
-                "overall": overall,
-                "threshold": best_threshold(overall),
-                "iou": matching.iou,
-            }
-        predict = None
-        if phase.KIND.evaluates:  # a detector
-            predictor = Predictor(system.with_weights(pcfg, summary["final_model"]))
-            rgb = system.image_format(pcfg) == "RGB"
-
-            def predict(image):  # in the config's format, as the report reads images
-                bgr = image[:, :, ::-1] if rgb else image
-                return predictor(bgr)["instances"].to("cpu")
-
-        write_report(
-            output_dir,
-            summary,
-            records,
-            predict,
-            system.dataset_names(pcfg)[-1],
-            system.image_format(pcfg),
-            pr_f1,
-        )
-        report = Path(output_dir) / "report"
-        if summary.get("confusion"):
-            plot_confusion(summary["confusion"], report / "confusion.png")
-        write_index(report, summary)
-    except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
-        logger.exception("Could not write the report; the results above are saved.")
 
 
 def evaluate_weights(cfg, weights: str) -> dict:

@@ -1,0 +1,214 @@
+"""What a finished run reports: the summary's per-phase results, the final model's F1-best score
+threshold and confusion matrix, a warning when the last phase ends below an earlier one, and the
+report (:mod:`.report`) with its figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from detectron2.data import MetadataCatalog
+
+from .config_systems import ConfigSystem
+from .confusion import confusion_matrix, plot_confusion
+from .phases import Phase
+from .predictor import Predictor
+from .report import AP_KEYS, SIZE_KEYS, write_index, write_report
+from .results import Matching, best_threshold, class_curves, curve, match_detections
+from .run_folder import DETECTIONS_FILE, read_predict_threshold, save_predict_threshold
+
+__all__ = [
+    "MATCH_IOU",
+    "ap_text",
+    "confusion_of_final",
+    "phase_results",
+    "save_score_threshold",
+    "worse_than_earlier",
+    "write_run_report",
+]
+
+logger = logging.getLogger(__name__)
+
+# IoU of a match for the F1-best score threshold and the precision-recall curves.
+MATCH_IOU = 0.5
+
+
+def _finite(value):
+    """``value``, or None for NaN (as JSON keeps it)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def phase_results(record: dict) -> dict:
+    """The record's box results for ``summary.json``: Detectron2's AP, AP50, AP75, APs, APm,
+    APl, and with more than one class ``per_class``: {name: {AP, AP50, AP75}} (Detectron2's
+    ``AP-<name>``, the evaluator's ``AP50-<name>`` and ``AP75-<name>``); NaN as None."""
+    bbox = record.get("results", {}).get("bbox", {})
+    out = {k: _finite(bbox[k]) for k in AP_KEYS + SIZE_KEYS if k in bbox}
+    names = [k.removeprefix("AP-") for k in bbox if k.startswith("AP-")]
+    if names:
+        out["per_class"] = {
+            name: {k: _finite(bbox[f"{k}-{name}"]) for k in AP_KEYS if f"{k}-{name}" in bbox}
+            for name in names
+        }
+    return out
+
+
+def ap_text(record: dict) -> str:
+    """The record's final box AP for a log line (JSON keeps a NaN AP as null)."""
+    bbox = phase_results(record)
+    if "AP" not in bbox:
+        return "not evaluated"
+    return "box AP nan" if bbox["AP"] is None else f"box AP {bbox['AP']:.1f}"
+
+
+def worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
+    """A warning (logged, and kept in the summary) when the last phase ends below an earlier
+    phase's box AP on the test sets: the run's final model is then not its best one.
+
+    Both were evaluated on the same test sets, each at its own phase's test size; choosing the
+    final model by them would select on the test data, so the run keeps the last phase's model
+    and says where the better one is.
+    """
+    scored = {name: rec["AP"] for name, rec in phases.items() if _is_number(rec.get("AP"))}
+    last = list(phases)[-1] if phases else None
+    if last not in scored:
+        return []
+    best = max(scored, key=scored.get)
+    if scored[best] <= scored[last]:
+        return []
+    message = (
+        f"The last phase, {last}, ends below phase {best} on {', '.join(test_names)}: box AP "
+        f"{scored[last]:.1f} against {scored[best]:.1f}. model_final.pth is the {last} model; the "
+        f"{best} model is {best.lower()}/model_final.pth (predict.py --run OUTPUT_DIR --phase "
+        f"{best}). Check {last}'s settings (its size, LR and length) before trusting it."
+    )
+    logger.warning(message)
+    return [message]
+
+
+def _is_number(value) -> bool:
+    """A finite AP (not None, not NaN)."""
+    return isinstance(value, (int, float)) and value == value
+
+
+def _final_detections(system: ConfigSystem, pcfg, dataset: str) -> tuple[dict, list] | None:
+    """The ground truth of ``dataset`` (its COCO json) and the detections of the phase's final
+    evaluation (``inference/coco_instances_results.json`` in its folder, of its last test set);
+    None where either is missing."""
+    json_file = MetadataCatalog.get(dataset).get("json_file", None)
+    detections = Path(system.output_dir(pcfg)) / "inference" / DETECTIONS_FILE
+    if json_file is None or not detections.is_file():
+        logger.info(
+            "No score threshold nor confusion matrix: %s",
+            f"{detections} not found" if json_file else f"dataset '{dataset}' has no COCO json",
+        )
+        return None
+    return json.loads(Path(json_file).read_text()), json.loads(detections.read_text())
+
+
+def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
+    """The final evaluation's detections matched to ``dataset``'s ground truth (or None)."""
+    found = _final_detections(system, pcfg, dataset)
+    return None if found is None else match_detections(*found, MATCH_IOU)
+
+
+def confusion_of_final(system: ConfigSystem, phase: Phase, pcfg, output_dir: str) -> dict | None:
+    """The final model's confusion matrix on its last test set at the run's saved score
+    threshold (:mod:`.confusion`), or None (no threshold, not a detector). Never fatal."""
+    saved = read_predict_threshold(Path(output_dir))
+    if saved is None or not phase.KIND.evaluates:
+        return None
+    try:
+        found = _final_detections(system, pcfg, saved["dataset"])
+        return None if found is None else confusion_matrix(*found, saved["score_threshold"])
+    except Exception:  # noqa: BLE001 - an extra; the results are saved
+        logger.exception("Could not compute the confusion matrix.")
+        return None
+
+
+def save_score_threshold(
+    system: ConfigSystem, output_dir: str, phase: Phase, pcfg
+) -> Matching | None:
+    """Save the score threshold that maximises F1 over all classes (:mod:`.results`) on the
+    final model's last test set, for ``predict.py --run`` (or remove an earlier run's, where
+    there is none); return the matching. A failure is logged, never fatal."""
+    save_predict_threshold(output_dir, None)
+    if not phase.KIND.evaluates:
+        return None
+    dataset = system.split_names(pcfg)[1][-1]
+    try:
+        matching = _match_final_detections(system, pcfg, dataset)
+    except Exception:  # noqa: BLE001 - an extra; the results are saved
+        logger.exception("Could not match the final detections; no score threshold saved.")
+        return None
+    best = best_threshold(curve(matching)) if matching is not None else None
+    if best is not None:
+        threshold, f1 = best
+        save_predict_threshold(
+            output_dir,
+            {
+                "score_threshold": threshold,
+                "f1": f1,
+                "iou": MATCH_IOU,
+                "dataset": dataset,
+                "phase": phase.NAME,
+            },
+        )
+        logger.info(
+            "F1-best score threshold on %s (all classes, IoU %s): %.3g (F1 %.3f); predict.py "
+            "--run uses it by default.",
+            dataset,
+            MATCH_IOU,
+            threshold,
+            f1,
+        )
+    return matching
+
+
+def write_run_report(
+    system: ConfigSystem,
+    output_dir: str,
+    phase: Phase,
+    pcfg,
+    summary: dict,
+    records: dict,
+    matching: Matching | None,
+) -> None:
+    """Write the run's report (with ``matching``, the final model's precision-recall and F1
+    curves); a failure is logged, never fatal (the results are saved)."""
+    try:
+        pr_f1 = None
+        if matching is not None:
+            overall = curve(matching)
+            pr_f1 = {
+                "curves": class_curves(matching),
+                "overall": overall,
+                "threshold": best_threshold(overall),
+                "iou": matching.iou,
+            }
+        predict = None
+        if phase.KIND.evaluates:  # a detector
+            predictor = Predictor(system.with_weights(pcfg, summary["final_model"]))
+            rgb = system.image_format(pcfg) == "RGB"
+
+            def predict(image):  # in the config's format, as the report reads images
+                bgr = image[:, :, ::-1] if rgb else image
+                return predictor(bgr)["instances"].to("cpu")
+
+        write_report(
+            output_dir,
+            summary,
+            records,
+            predict,
+            system.dataset_names(pcfg)[-1],
+            system.image_format(pcfg),
+            pr_f1,
+        )
+        report = Path(output_dir) / "report"
+        if summary.get("confusion"):
+            plot_confusion(summary["confusion"], report / "confusion.png")
+        write_index(report, summary)
+    except Exception:  # noqa: BLE001 - the report is an extra; training results are saved
+        logger.exception("Could not write the report; the results above are saved.")
