@@ -93,7 +93,8 @@ def plot_confusion(confusion: dict, path) -> None:
     ax.set_xlabel("predicted (background: missed object)")
     ax.set_ylabel("true (background: false detection)")
     ax.set_title(
-        f"Confusion at score >= {confusion['threshold']:.2f}, IoU >= {confusion['iou']:.2f}"
+        f"Confusion at score >= {confusion['threshold']:.2f}\nIoU >= {confusion['iou']:.2f}",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
