@@ -17,14 +17,13 @@ from .phases import Phase
 from .predictor import Predictor
 from .report import AP_KEYS, SIZE_KEYS, write_index, write_report
 from .results import Matching, best_threshold, class_curves, curve, match_detections
-from .run_folder import DETECTIONS_FILE, read_predict_threshold, save_predict_threshold
+from .run_folder import DETECTIONS_FILE, save_predict_threshold
 
 __all__ = [
     "MATCH_IOU",
     "ap_text",
-    "confusion_of_final",
     "phase_results",
-    "save_score_threshold",
+    "score_threshold_and_confusion",
     "worse_than_earlier",
     "write_run_report",
 ]
@@ -71,7 +70,7 @@ def worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
     final model by them would select on the test data, so the run keeps the last phase's model
     and says where the better one is.
     """
-    scored = {name: rec["AP"] for name, rec in phases.items() if _is_number(rec.get("AP"))}
+    scored = {name: rec["AP"] for name, rec in phases.items() if rec.get("AP") is not None}
     last = list(phases)[-1] if phases else None
     if last not in scored:
         return []
@@ -86,11 +85,6 @@ def worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
     )
     logger.warning(message)
     return [message]
-
-
-def _is_number(value) -> bool:
-    """A finite AP (not None, not NaN)."""
-    return isinstance(value, (int, float)) and value == value
 
 
 def _final_detections(system: ConfigSystem, pcfg, dataset: str) -> tuple[dict, list] | None:
@@ -108,63 +102,50 @@ def _final_detections(system: ConfigSystem, pcfg, dataset: str) -> tuple[dict, l
     return json.loads(Path(json_file).read_text()), json.loads(detections.read_text())
 
 
-def _match_final_detections(system: ConfigSystem, pcfg, dataset: str) -> Matching | None:
-    """The final evaluation's detections matched to ``dataset``'s ground truth (or None)."""
-    found = _final_detections(system, pcfg, dataset)
-    return None if found is None else match_detections(*found, MATCH_IOU)
-
-
-def confusion_of_final(system: ConfigSystem, phase: Phase, pcfg, output_dir: str) -> dict | None:
-    """The final model's confusion matrix on its last test set at the run's saved score
-    threshold (:mod:`.confusion`), or None (no threshold, not a detector). Never fatal."""
-    saved = read_predict_threshold(Path(output_dir))
-    if saved is None or not phase.KIND.evaluates:
-        return None
-    try:
-        found = _final_detections(system, pcfg, saved["dataset"])
-        return None if found is None else confusion_matrix(*found, saved["score_threshold"])
-    except Exception:  # noqa: BLE001 - an extra; the results are saved
-        logger.exception("Could not compute the confusion matrix.")
-        return None
-
-
-def save_score_threshold(
+def score_threshold_and_confusion(
     system: ConfigSystem, output_dir: str, phase: Phase, pcfg
-) -> Matching | None:
-    """Save the score threshold that maximises F1 over all classes (:mod:`.results`) on the
-    final model's last test set, for ``predict.py --run`` (or remove an earlier run's, where
-    there is none); return the matching. A failure is logged, never fatal."""
+) -> tuple[Matching | None, dict | None]:
+    """Match the final model's detections on its last test set (:mod:`.results`), save the score
+    threshold that maximises F1 over all classes for ``predict.py --run`` (or remove an earlier
+    run's, where there is none), and count the confusion matrix at it (:mod:`.confusion`).
+
+    Returns:
+        The matching and the confusion matrix, each None where there is none. A failure is
+        logged, never fatal (the results are saved).
+    """
     save_predict_threshold(output_dir, None)
     if not phase.KIND.evaluates:
-        return None
+        return None, None
     dataset = system.split_names(pcfg)[1][-1]
     try:
-        matching = _match_final_detections(system, pcfg, dataset)
+        found = _final_detections(system, pcfg, dataset)
+        matching = None if found is None else match_detections(*found, MATCH_IOU)
     except Exception:  # noqa: BLE001 - an extra; the results are saved
         logger.exception("Could not match the final detections; no score threshold saved.")
-        return None
+        return None, None
     best = best_threshold(curve(matching)) if matching is not None else None
-    if best is not None:
-        threshold, f1 = best
-        save_predict_threshold(
-            output_dir,
-            {
-                "score_threshold": threshold,
-                "f1": f1,
-                "iou": MATCH_IOU,
-                "dataset": dataset,
-                "phase": phase.NAME,
-            },
-        )
-        logger.info(
-            "F1-best score threshold on %s (all classes, IoU %s): %.3g (F1 %.3f); predict.py "
-            "--run uses it by default.",
-            dataset,
-            MATCH_IOU,
-            threshold,
-            f1,
-        )
-    return matching
+    if best is None:
+        return matching, None
+    threshold, f1 = best
+    save_predict_threshold(
+        output_dir,
+        {
+            "score_threshold": threshold,
+            "f1": f1,
+            "iou": MATCH_IOU,
+            "dataset": dataset,
+            "phase": phase.NAME,
+        },
+    )
+    logger.info(
+        "F1-best score threshold on %s (all classes, IoU %s): %.3g (F1 %.3f); predict.py "
+        "--run uses it by default.",
+        dataset,
+        MATCH_IOU,
+        threshold,
+        f1,
+    )
+    return matching, confusion_matrix(*found, threshold)
 
 
 def write_run_report(

@@ -9,7 +9,6 @@ resolved config, never the node.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
 import torch
@@ -26,8 +25,6 @@ __all__ = [
     "resolve_phase",
     "schedule",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def active_phases(cfg) -> list[str]:
@@ -138,6 +135,9 @@ class Phase:
     CHECKPOINT_PERIOD: int
     EVAL_PERIOD: int
     AMP: bool
+    # What resolution changed from the node for the device, one sentence each (logged once per
+    # phase by the pipeline; resolution itself is silent, as it runs wherever a phase is read).
+    ADJUSTMENTS: tuple[str, ...] = ()
 
     @property
     def KIND(self) -> PhaseKind:  # noqa: N802 - named like the other fields
@@ -214,9 +214,9 @@ def resolve_phase(cfg, name: str, device: str) -> Phase:
     device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
-    values = {}
+    values, adjustments = {}, []
     for field in dataclasses.fields(Phase):
-        if field.name in ("NAME", "DEVICE"):
+        if field.name in ("NAME", "DEVICE", "ADJUSTMENTS"):
             continue
         value = node[field.name]
         values[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -224,10 +224,11 @@ def resolve_phase(cfg, name: str, device: str) -> Phase:
         for key in _NORM_FIELDS:  # torch's SyncBatchNorm refuses CPU tensors
             if values[key] == "SyncBN":
                 values[key] = "naiveSyncBN"
+                adjustments.append(f"{key} SyncBN runs as naiveSyncBN on CPU")
         if values["AMP"]:
-            logger.info("Phase %s: mixed precision is GPU-only; training in fp32 on CPU.", name)
             values["AMP"] = False
-    return Phase(NAME=name, DEVICE=device, **values)
+            adjustments.append("mixed precision is GPU-only; training in fp32 on CPU")
+    return Phase(NAME=name, DEVICE=device, ADJUSTMENTS=tuple(adjustments), **values)
 
 
 def _validate(phase: str, node) -> None:

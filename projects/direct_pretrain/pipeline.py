@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from .batches import draw_batches
 from .bridge import (
@@ -43,9 +44,8 @@ from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
 from .outcome import (
     ap_text,
-    confusion_of_final,
     phase_results,
-    save_score_threshold,
+    score_threshold_and_confusion,
     worse_than_earlier,
     write_run_report,
 )
@@ -80,7 +80,7 @@ from .utils.io import (
     ensure_writable_dir,
     remove_partial_files,
 )
-from .utils.rng import derived_seed, seed_all
+from .utils.rng import derived_seed
 
 __all__ = ["PhaseStateError", "evaluate_weights", "prepare_config", "run_pipeline"]
 
@@ -313,7 +313,7 @@ def _seed_phase(seed: int, name: str, step: str) -> None:
     depend on what ran before in this process (a rerun skips finished phases and a done
     bridge). A negative seed leaves them as they are."""
     if seed >= 0:
-        seed_all(derived_seed(seed, comm.get_rank(), zlib.crc32(f"{name}/{step}".encode())))
+        seed_all_rng(derived_seed(seed, comm.get_rank(), zlib.crc32(f"{name}/{step}".encode())))
 
 
 def _draw_batches(system: ConfigSystem, cfg, pcfg, phase: str) -> None:
@@ -416,6 +416,9 @@ def run_pipeline(cfg) -> dict:
         phase = system.resolve(cfg, name)
         pcfg = system.phase_config(cfg, phase, num_images)
         summary["device"] = phase.DEVICE
+        if comm.is_main_process():
+            for adjustment in phase.ADJUSTMENTS:
+                logger.info("Phase %s: %s.", name, adjustment)
         from_previous = phase.INIT == "previous"
         if from_previous:
             pcfg = system.with_weights(pcfg, os.path.join(system.output_dir(pcfg), BRIDGED_FILE))
@@ -459,8 +462,9 @@ def run_pipeline(cfg) -> dict:
             {"model": state, "pixel_mean": mean, "pixel_std": std}, summary["final_model"]
         )
         export_for_prediction(pcfg, system.output_dir(cfg))
-        matching = save_score_threshold(system, system.output_dir(cfg), phase, pcfg)
-        summary["confusion"] = confusion_of_final(system, phase, pcfg, system.output_dir(cfg))
+        matching, summary["confusion"] = score_threshold_and_confusion(
+            system, system.output_dir(cfg), phase, pcfg
+        )
         atomic_write_json(os.path.join(system.output_dir(cfg), SUMMARY_FILE), summary)
         write_run_report(system, system.output_dir(cfg), phase, pcfg, summary, records, matching)
         logger.info("Box AP (%s):\n%s", summary["output_dir"], ap_table(summary))

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from detectron2.data import build_detection_train_loader
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from torch.utils.data import IterableDataset, Sampler, get_worker_info
 
-from ..utils.rng import derived_seed, rng_kept, seed_all
+from ..utils.rng import derived_seed, rng_kept
 
 __all__ = ["ResumableStream", "resumable_train_loader"]
 
@@ -50,7 +51,7 @@ class ResumableStream(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for offset, index in enumerate(itertools.islice(self.sampler, self.start, None)):
             if (offset // self.turn) % workers == worker:
-                seed_all(derived_seed(self.seed, self.rank, self.start + offset))
+                seed_all_rng(derived_seed(self.seed, self.rank, self.start + offset))
                 yield self.mapper(self.dataset[index])
 
 

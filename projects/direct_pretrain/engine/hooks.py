@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..modeling.norm_eval import BackboneNormEval
 from ..phases import Phase
-from ..utils.rng import derived_seed, seed_all
+from ..utils.rng import derived_seed
 
 __all__ = ["AllRanksFinite", "PhaseTimer", "SeededIterations", "phase_hooks", "run_seed"]
 
@@ -34,7 +35,7 @@ class SeededIterations(HookBase):
         self.rank = comm.get_rank()
 
     def before_step(self) -> None:
-        seed_all(derived_seed(self.seed, self.rank, self.trainer.iter))
+        seed_all_rng(derived_seed(self.seed, self.rank, self.trainer.iter))
 
 
 class PhaseTimer(HookBase):

@@ -10,20 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["derived_seed", "rng_kept", "seed_all"]
+__all__ = ["derived_seed", "rng_kept"]
 
 
 def derived_seed(*keys: int) -> int:
     """A 32-bit seed that depends only on the non-negative ``keys`` (e.g. a base seed, the
     process rank and a position)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and every GPU) global random generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
