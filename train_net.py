@@ -12,6 +12,7 @@ Examples:
     python train_net.py --config-file CFG.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
     python train_net.py --config-file CFG.py DIRECT_PRETRAIN.PRETRAIN.BASE_LR=0.04
     python train_net.py --config-file CFG.yaml --num-gpus 8
+    python train_net.py --config-file configs/planned/faster_rcnn_R_18_FPN.yaml --plan-only
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 from detectron2.utils import comm  # noqa: E402
 
 from direct_pretrain.config_systems import load_config  # noqa: E402
-from direct_pretrain.config_systems import system_of  # noqa: E402
+from direct_pretrain.config_systems import system_of, user_set_keys  # noqa: E402
 from direct_pretrain.engine import StopRequested  # noqa: E402
-from direct_pretrain.pipeline import evaluate_weights, run_pipeline  # noqa: E402
+from direct_pretrain.pipeline import evaluate_weights, plan_run, run_pipeline  # noqa: E402
 from direct_pretrain.utils.dist import build_on_main  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.lock import RunLock  # noqa: E402
@@ -66,8 +67,10 @@ def main(args) -> dict:
     try:
         if args.eval_only:
             result = evaluate_weights(cfg, system_of(cfg).weights(cfg))
+        elif args.plan_only:
+            result = plan_run(cfg, user_set_keys(args.config_file, args.opts))
         else:
-            result = run_pipeline(cfg)
+            result = run_pipeline(cfg, user_set_keys(args.config_file, args.opts))
     except StopRequested as e:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint was written
         logging.getLogger("direct_pretrain").warning("%s", e)
         _end_processes()
@@ -77,7 +80,7 @@ def main(args) -> dict:
         raise
     finally:
         lock.release()  # the process's end would release it too, however it ends
-    if not args.eval_only and comm.is_main_process():
+    if not args.eval_only and not args.plan_only and comm.is_main_process():
         logging.getLogger("detectron2").info("Pipeline summary:\n%s", json.dumps(result, indent=1))
     comm.synchronize()
     _end_processes()
@@ -91,7 +94,14 @@ def _end_processes() -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="with DIRECT_PRETRAIN.BUDGET_MINUTES: print the plan, write OUTPUT_DIR/plan.yaml, "
+        "train nothing",
+    )
+    args = parser.parse_args()
     launch(
         main,
         args.num_gpus,

@@ -134,6 +134,10 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     node.REGISTER_YOLO = []
     # What to do with an image that cannot be read: "stop" (error naming it) or "skip".
     node.BAD_IMAGES = "stop"
+    # Training minutes of all phases together on this machine (evaluation not counted): every
+    # phase key the config does not set is planned from the data and a short calibration
+    # (:mod:`direct_pretrain.planning`, OUTPUT_DIR/plan.yaml). 0 plans nothing.
+    node.BUDGET_MINUTES = 0.0
 
     node.BRIDGE = CN()
     # Re-initialise class-specific predictor layers when the class count differs

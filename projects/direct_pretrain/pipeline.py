@@ -38,7 +38,9 @@ from .bridge import (
     unhealthy_weights,
 )
 from .checkpoint import DamagedCheckpointError
-from .config_systems import ConfigSystem, system_of
+from .config_systems import ConfigSystem
+from .config_systems import changed_direct_pretrain_keys as default_user_keys
+from .config_systems import system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
@@ -51,6 +53,15 @@ from .outcome import (
 )
 from .phase_kinds import config_key_applies
 from .phases import Phase, active_phases
+from .planning import (
+    PLAN_FILE,
+    apply_plan,
+    describe_anchors,
+    planned_config,
+    read_plan,
+    replan_after,
+    write_plan,
+)
 from .preflight import (
     check_num_classes,
     check_weights_used,
@@ -82,7 +93,7 @@ from .utils.io import (
 )
 from .utils.rng import derived_seed
 
-__all__ = ["PhaseStateError", "evaluate_weights", "prepare_config", "run_pipeline"]
+__all__ = ["PhaseStateError", "evaluate_weights", "plan_run", "prepare_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +109,22 @@ class PhaseStateError(RuntimeError):
     """A phase folder holds a run that this config cannot continue."""
 
 
-def prepare_config(cfg, eval_only: bool = False):
+def prepare_config(cfg, eval_only: bool = False, user_keys: dict | None = None):
     """Register datasets and check the config before anything runs; warn about training images
-    left out for having no usable annotations; resolve pixel statistics.
+    left out for having no usable annotations; plan the run if it has a budget; describe the
+    data against the phases and anchors; resolve pixel statistics.
 
     Args:
         cfg: the pipeline config.
-        eval_only: only the test sets are needed (no training set, no pixel statistics).
+        eval_only: only the test sets are needed (no training set, no plan, no pixel
+            statistics).
+        user_keys: ``{key: where}`` of the keys the user set, which a plan keeps
+            (:func:`direct_pretrain.config_systems.user_set_keys`); by default the
+            ``DIRECT_PRETRAIN`` keys that differ from their defaults.
 
     Returns:
-        The config, with the model's pixel mean/std computed from the training set if
+        The config, with the plan's values written in (``DIRECT_PRETRAIN.BUDGET_MINUTES`` >
+        0) and the model's pixel mean/std computed from the training set if
         ``DIRECT_PRETRAIN.PIXEL_STATS`` is "dataset", and the number of training images.
     """
     system = system_of(cfg)
@@ -118,6 +135,8 @@ def prepare_config(cfg, eval_only: bool = False):
             raise ValueError(
                 f"DIRECT_PRETRAIN.{key} = '{node[key]}' is not one of {', '.join(allowed)}"
             )
+    if node.BUDGET_MINUTES < 0:
+        raise ValueError(f"DIRECT_PRETRAIN.BUDGET_MINUTES = {node.BUDGET_MINUTES} is negative")
     device = system.device(cfg)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         logger.warning(
@@ -138,10 +157,18 @@ def prepare_config(cfg, eval_only: bool = False):
     dicts = system.train_dicts(cfg)
     if comm.is_main_process():
         warn_left_out_images(train_names, len(dicts), system.keep_empty_override)
+    if node.BUDGET_MINUTES > 0:
+        user = default_user_keys(cfg) if user_keys is None else user_keys
+        digests = dataset_fingerprints(train_names)
+        cfg, _ = build_on_main(
+            lambda: planned_config(system, cfg, dicts, user, digests), "planning the run"
+        )
+    if comm.is_main_process():
         phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
         classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
         fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
         describe_data(dicts, phases, classes, fingerprint)
+        describe_anchors(system, cfg, dicts, system.output_dir(cfg))
     if node.PIXEL_STATS == "dataset":
         mean, std = build_on_main(
             lambda: dataset_pixel_stats(
@@ -396,23 +423,27 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
     return record
 
 
-def run_pipeline(cfg) -> dict:
+def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
     """Run every active phase of ``cfg`` in order; return and write ``summary.json``.
 
     Finished phases are skipped, an interrupted one resumes. Each phase whose INIT is
-    "previous" starts from the previous phase's final model through the bridge.
+    "previous" starts from the previous phase's final model through the bridge. With a
+    budget, the run is planned first (``user_keys``: see :func:`prepare_config`).
     """
     start = time.perf_counter()
     system = system_of(cfg)
     phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
     check_weights_used(phases, system.weights_key, system.weights(cfg))
-    cfg, num_images = prepare_config(cfg)
+    cfg, num_images = prepare_config(cfg, user_keys=user_keys)
     fingerprints = dataset_fingerprints(system.dataset_names(cfg))
     if comm.is_main_process():
         system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), PIPELINE_CONFIG_FILE))
     summary = {"output_dir": system.output_dir(cfg), "device": None, "phases": {}}
     records = {}
+    plan = read_plan(os.path.join(system.output_dir(cfg), PLAN_FILE)) if _budget(cfg) else None
     for name in active_phases(cfg):
+        if plan is not None:
+            cfg = _replan_before(system, cfg, plan, name)
         phase = system.resolve(cfg, name)
         pcfg = system.phase_config(cfg, phase, num_images)
         summary["device"] = phase.DEVICE
@@ -452,6 +483,8 @@ def run_pipeline(cfg) -> dict:
             "ims_per_batch": record["ims_per_batch"],
         }
     summary["warnings"] = worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
+    if plan is not None:
+        summary["budget"] = _budget_used(plan, summary["phases"])
     summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
@@ -470,6 +503,67 @@ def run_pipeline(cfg) -> dict:
         logger.info("Box AP (%s):\n%s", summary["output_dir"], ap_table(summary))
     comm.synchronize()
     return summary
+
+
+def _budget(cfg) -> float:
+    return float(cfg.DIRECT_PRETRAIN.BUDGET_MINUTES)
+
+
+def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str):
+    """``cfg`` with phase ``name``'s length re-planned from the time the phase before it (in
+    PIPELINE, finished) really took, when that moved it by more than the tolerance."""
+    pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
+    index = pipeline.index(name) if name in pipeline else 0
+    if index == 0:
+        return cfg
+    previous = pipeline[index - 1]
+    record = read_done(os.path.join(system.output_dir(cfg), previous.lower()))
+    replanned = None if record is None else replan_after(system, cfg, plan, previous, record)
+    if replanned is None:
+        return cfg
+    plan.setdefault("replanned", {})[name] = replanned
+    if comm.is_main_process():
+        write_plan(os.path.join(system.output_dir(cfg), PLAN_FILE), plan)
+        logger.info("Plan: %s: %s", replanned["reason"], replanned["values"])
+    return apply_plan(system, cfg, plan)
+
+
+def _budget_used(plan: dict, phases: dict) -> dict:
+    """The budget against the training time each phase used (evaluation apart)."""
+    planned = dict(plan["budget_seconds"])
+    for replanned in plan.get("replanned", {}).values():
+        planned[replanned["phase"]] = replanned["seconds"]
+    used = {
+        name: round(p["wall_seconds"] - p["eval_seconds"], 1)
+        for name, p in phases.items()
+        if name in planned
+    }
+    budget = {
+        "minutes": plan["inputs"]["budget_minutes"],
+        "planned_seconds": planned,
+        "used_seconds": used,
+        "eval_seconds": {n: phases[n]["eval_seconds"] for n in used},
+    }
+    logger.info(
+        "Budget %.1f min of training: used %s (evaluation apart: %s)",
+        budget["minutes"],
+        ", ".join(f"{n} {used[n] / 60:.1f} of {planned[n] / 60:.1f} min" for n in used),
+        ", ".join(f"{n} {budget['eval_seconds'][n]:.0f} s" for n in used),
+    )
+    return budget
+
+
+def plan_run(cfg, user_keys: dict | None = None) -> dict | None:
+    """``train_net.py --plan-only``: fingerprint the data, make (or reuse) and log the plan,
+    write ``OUTPUT_DIR/plan.yaml``; train nothing. Returns the plan (None without a budget)."""
+    prepare_config(cfg, user_keys=user_keys)
+    if not _budget(cfg):
+        logger.warning(
+            "DIRECT_PRETRAIN.BUDGET_MINUTES is 0: nothing is planned (the data view above is "
+            "what the config's own sizes give). Set a budget in minutes to plan the run."
+        )
+        return None
+    return read_plan(os.path.join(system_of(cfg).output_dir(cfg), PLAN_FILE))
 
 
 def evaluate_weights(cfg, weights: str) -> dict:

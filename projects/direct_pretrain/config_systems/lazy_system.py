@@ -285,6 +285,25 @@ class LazySystem(ConfigSystem):
         cfg.model.pixel_mean, cfg.model.pixel_std = list(mean), list(std)
         return cfg
 
+    def with_values(self, cfg, values):
+        cfg = copy.deepcopy(cfg)
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, list(value) if isinstance(value, tuple) else value)
+        return cfg
+
+    def anchor_layout(self, cfg):
+        for generator, features in (
+            ("model.proposal_generator.anchor_generator", "model.proposal_generator.in_features"),
+            ("model.anchor_generator", "model.head_in_features"),
+        ):
+            node, names = OmegaConf.select(cfg, generator), OmegaConf.select(cfg, features)
+            if node is not None and "sizes" in node and names is not None:
+                return f"{generator}.sizes", f"{generator}.aspect_ratios", list(names)
+        return None
+
+    def has_roi_heads(self, cfg):
+        return "roi_heads" in cfg.model
+
     def split_names(self, cfg):
         return (
             _as_list(cfg.dataloader.train.dataset.names),

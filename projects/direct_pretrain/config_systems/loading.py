@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from detectron2.config import CfgNode, LazyConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import check_lazy_node, get_cfg, user_keys
+from ..config import check_lazy_node, default_direct_pretrain, get_cfg, user_keys
 from ..phases import check_phase_controlled
+from ..utils.io import flatten_dict
 from .base import ConfigSystem
 from .lazy_system import LAZY_CONTROLLED_PATHS, LazySystem
 from .yacs_system import PHASE_CONTROLLED_KEYS, YacsSystem
 
-__all__ = ["load_config", "system_of"]
+__all__ = ["changed_direct_pretrain_keys", "load_config", "system_of", "user_set_keys"]
 
 _MISSING = object()
 
@@ -65,3 +67,34 @@ def load_config(path: str, opts: list[str] = ()):
     opt_keys = {opt.partition("=")[0].lstrip("+"): "the command line" for opt in opts}
     check_phase_controlled(cfg, opt_keys, LAZY_CONTROLLED_PATHS)
     return cfg
+
+
+def user_set_keys(path: str, opts: list[str] = ()) -> dict[str, str]:
+    """The keys the user set, ``{key: where}``, which a plan keeps: for a yacs file the keys
+    it (or its non-model-zoo bases) and ``opts`` set; for a LazyConfig file the overrides in
+    ``opts`` and the ``DIRECT_PRETRAIN`` keys whose value differs from the defaults."""
+    if not path.endswith(".py"):
+        return user_keys(path, opts)
+    keys = {opt.partition("=")[0].lstrip("+"): "the command line" for opt in opts}
+    return {**changed_direct_pretrain_keys(LazyConfig.load(path), path), **keys}
+
+
+def changed_direct_pretrain_keys(cfg, where: str = "the config") -> dict[str, str]:
+    """``{key: where}`` of the ``DIRECT_PRETRAIN`` keys of ``cfg`` (either system) whose value
+    differs from the default."""
+    node = cfg.DIRECT_PRETRAIN
+    tree = (
+        OmegaConf.to_container(node)
+        if isinstance(node, DictConfig)
+        else yaml.safe_load(node.dump())
+    )
+    defaults = flatten_dict(default_direct_pretrain(), "DIRECT_PRETRAIN.")
+    return {
+        key: where
+        for key, value in flatten_dict(tree, "DIRECT_PRETRAIN.").items()
+        if _plain(value) != _plain(defaults.get(key))
+    }
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

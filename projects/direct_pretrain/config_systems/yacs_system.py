@@ -170,6 +170,30 @@ class YacsSystem(ConfigSystem):
 
         return _with(cfg, set_stats)
 
+    def with_values(self, cfg, values):
+        def change(c):
+            for key, value in values.items():
+                current = lookup(c, key)
+                _set(c, key, tuple(value) if isinstance(current, tuple) else value)
+
+        return _with(cfg, change)
+
+    def anchor_layout(self, cfg):
+        features = {
+            "GeneralizedRCNN": cfg.MODEL.RPN.IN_FEATURES,
+            "RetinaNet": cfg.MODEL.RETINANET.IN_FEATURES,
+        }.get(cfg.MODEL.META_ARCHITECTURE)
+        if features is None or cfg.MODEL.ANCHOR_GENERATOR.NAME != "DefaultAnchorGenerator":
+            return None
+        return (
+            "MODEL.ANCHOR_GENERATOR.SIZES",
+            "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+            list(features),
+        )
+
+    def has_roi_heads(self, cfg):
+        return cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+
     def split_names(self, cfg):
         return list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
 

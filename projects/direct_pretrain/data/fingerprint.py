@@ -12,22 +12,29 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["PERCENTILES", "box_sides", "dataset_fingerprint"]
+__all__ = ["PERCENTILES", "box_sides", "box_sizes", "dataset_fingerprint"]
 
 PERCENTILES = (1, 5, 10, 50, 90, 99)
 
 
-def box_sides(dicts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Each non-crowd box's side ``sqrt(w * h)`` in pixels, and the index of its image."""
-    sides, images = [], []
+def box_sizes(dicts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Each non-crowd box's ``(width, height)`` in pixels (an ``(N, 2)`` array), and the index
+    of its image."""
+    sizes, images = [], []
     for i, record in enumerate(dicts):
         for ann in record.get("annotations", []):
             if ann.get("iscrowd", 0):
                 continue
             x0, y0, x1, y1 = _xyxy(ann)
-            sides.append(float(np.sqrt(max(x1 - x0, 0.0) * max(y1 - y0, 0.0))))
+            sizes.append((max(x1 - x0, 0.0), max(y1 - y0, 0.0)))
             images.append(i)
-    return np.asarray(sides, dtype=float), np.asarray(images, dtype=int)
+    return np.asarray(sizes, dtype=float).reshape(-1, 2), np.asarray(images, dtype=int)
+
+
+def box_sides(dicts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Each non-crowd box's side ``sqrt(w * h)`` in pixels, and the index of its image."""
+    sizes, images = box_sizes(dicts)
+    return np.sqrt(sizes[:, 0] * sizes[:, 1]), images
 
 
 def dataset_fingerprint(dicts: list[dict], class_names: list[str] | None = None) -> dict:

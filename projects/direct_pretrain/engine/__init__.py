@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 
+from .calibration import time_steps
 from .hooks import AllRanksFinite, PhaseTimer, phase_hooks
 from .lazy_trainer import LazyPhaseTrainer, lazy_evaluate
 from .stop import GracefulStop, StopRequested
@@ -22,6 +23,7 @@ __all__ = [
     "lazy_evaluate",
     "phase_hooks",
     "phase_training_dicts",
+    "time_steps",
 ]
 
 

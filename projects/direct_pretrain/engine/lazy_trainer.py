@@ -59,7 +59,7 @@ class LazyPhaseTrainer:
         optimizer_cfg = copy.deepcopy(cfg.optimizer)
         optimizer_cfg.params.model = model
         optimizer = instantiate(optimizer_cfg)
-        loader = self._train_loader(cfg)
+        loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, **cfg.train.ddp)
         trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
         self.trainer = trainer_cls(model, loader, optimizer)
@@ -102,10 +102,11 @@ class LazyPhaseTrainer:
         )
 
     @staticmethod
-    def _train_loader(cfg: DictConfig):
-        """``dataloader.train``'s dataset, mapper and sizes in a loader that starts where
-        ``resume_or_load`` resumes (:func:`~direct_pretrain.data.resumable.resumable_train_loader`),
-        the checked mapper drawing skips from the same dataset."""
+    def build_train_loader(cfg: DictConfig, start_iter: int | None = None):
+        """``dataloader.train``'s dataset, mapper and sizes in a loader whose first batch is that
+        of iteration ``start_iter`` (by default where ``resume_or_load`` resumes:
+        :func:`~direct_pretrain.data.resumable.resumable_train_loader`), the checked mapper
+        drawing skips from the same dataset."""
         loader_cfg = copy.deepcopy(cfg.dataloader.train)
         phase = LazySystem().phase(cfg)
         dicts, cache = instantiate(loader_cfg.dataset), cache_dir(cfg.DIRECT_PRETRAIN)
@@ -123,7 +124,7 @@ class LazyPhaseTrainer:
             mapper,
             TrainingSampler(len(dataset), seed=seed),
             seed=seed,
-            start_iter=resume_iteration(cfg.train.output_dir),
+            start_iter=resume_iteration(cfg.train.output_dir) if start_iter is None else start_iter,
             total_batch_size=loader_cfg.total_batch_size,
             aspect_ratio_grouping=loader_cfg.get("aspect_ratio_grouping", True),
             num_workers=loader_cfg.num_workers,

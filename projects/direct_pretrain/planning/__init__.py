@@ -1,0 +1,131 @@
+"""Planning a run from its data and a time budget (``DIRECT_PRETRAIN.BUDGET_MINUTES``), and the
+data-against-model view every run gets (anchor recall, the box-size figure)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..config_systems import ConfigSystem
+from ..phases import active_phases
+from ..run_folder import PHASE_KEYS_FILE
+from .figures import plot_box_sizes
+from .plan import (
+    PLAN_FILE,
+    PLANNED_PHASES,
+    apply_plan,
+    make_plan,
+    plan_inputs,
+    plan_table,
+    read_plan,
+    replan_after,
+    write_plan,
+)
+from .rules import DataFigures, anchor_recall, recall_text
+
+__all__ = [
+    "PLAN_FILE",
+    "PLANNED_PHASES",
+    "PlanChangedError",
+    "apply_plan",
+    "describe_anchors",
+    "make_plan",
+    "planned_config",
+    "plan_table",
+    "read_plan",
+    "replan_after",
+    "write_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+BOX_SIZES_FIGURE = os.path.join("report", "box_sizes.png")
+# Warn when the anchors match fewer boxes than this at a phase's training scale.
+LOW_ANCHOR_RECALL = 0.5
+
+
+class PlanChangedError(RuntimeError):
+    """The run folder holds phases trained with a plan that this command's inputs change."""
+
+
+def _started(output_dir: str) -> list[str]:
+    return sorted(
+        entry
+        for entry in os.listdir(output_dir)
+        if os.path.isfile(os.path.join(output_dir, entry, PHASE_KEYS_FILE))
+    )
+
+
+def planned_config(
+    system: ConfigSystem,
+    cfg,
+    dicts: list[dict],
+    user: dict,
+    data_digests: dict[str, str],
+    calibrate=None,
+):
+    """``cfg`` with its plan applied, and the plan: the saved ``OUTPUT_DIR/plan.yaml`` if its
+    inputs are this command's, else a new one (main process; logged as a table).
+
+    Raises:
+        PlanChangedError: the saved plan's inputs differ and a phase has started with it.
+    """
+    output_dir = system.output_dir(cfg)
+    path = os.path.join(output_dir, PLAN_FILE)
+    inputs = plan_inputs(system, cfg, data_digests, user, len(dicts))
+    plan = read_plan(path)
+    if plan is not None and plan.get("inputs") == inputs:
+        logger.info("Plan: reusing %s (same config, data, budget and device).", path)
+    else:
+        if plan is not None and _started(output_dir):
+            changed = sorted(k for k in inputs if plan.get("inputs", {}).get(k) != inputs[k])
+            raise PlanChangedError(
+                f"{output_dir} holds phases ({', '.join(_started(output_dir))}) trained with the "
+                f"plan in {path}, made for another {', '.join(changed)} (e.g. budget "
+                f"{plan.get('inputs', {}).get('budget_minutes')} -> {inputs['budget_minutes']} "
+                "min). Use a new OUTPUT_DIR, or rerun with what the plan was made for."
+            )
+        kwargs = {} if calibrate is None else {"calibrate": calibrate}
+        plan = make_plan(system, cfg, dicts, user, inputs, **kwargs)
+        write_plan(path, plan)
+    logger.info("Plan (%s):\n%s", path, plan_table(plan))
+    return apply_plan(system, cfg, plan), plan
+
+
+def describe_anchors(system: ConfigSystem, cfg, dicts: list[dict], output_dir: str) -> dict:
+    """Anchor recall at each active phase's training scale (warned when low) and the box-size
+    figure ``report/box_sizes.png``; returns ``{phase: recall}`` (empty without anchors)."""
+    data = DataFigures.of(dicts)
+    height, width = data.image_size
+    scales = {n: system.resolve(cfg, n).train_scale(height, width) for n in active_phases(cfg)}
+    layout = system.anchor_layout(cfg)
+    anchors, strides, recall = [], [], {}
+    if layout is not None:
+        sizes_key, ratios_key, features = layout
+        sizes, ratios = _value(cfg, sizes_key), _value(cfg, ratios_key)
+        anchors = sorted({float(s) for level in sizes for s in level})
+        strides = [2 ** int(f[1:]) for f in features if f[:1] == "p" and f[1:].isdigit()]
+        recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
+        logger.info("Anchors %s: %s", sizes, recall_text(recall))
+        low = {n: r for n, r in recall.items() if r < LOW_ANCHOR_RECALL}
+        if low and len(data.sides):
+            logger.warning(
+                "%s = %s matches only %s (IoU >= 0.5, anchor centred on the box): the "
+                "detector will miss the others. Use anchors nearer the box sizes (see %s), or "
+                "leave the key to the plan (DIRECT_PRETRAIN.BUDGET_MINUTES).",
+                sizes_key,
+                sizes,
+                recall_text(low),
+                BOX_SIZES_FIGURE,
+            )
+    plot_box_sizes(
+        data.sides, scales, anchors, strides, recall, os.path.join(output_dir, BOX_SIZES_FIGURE)
+    )
+    return recall
+
+
+def _value(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return [[float(x) for x in level] for level in node]

@@ -1,0 +1,452 @@
+"""The plan: both phases sized from the data and a time budget (``DIRECT_PRETRAIN.BUDGET_MINUTES``).
+
+:func:`make_plan` applies the rules of :mod:`.rules` to the training set, keeps every key the
+user set (marked "yours", with the figure the rule would have used, and a warning where the
+value looks harmful), times each phase's training step at its planned sizes (calibration) and
+splits the budget into each phase's epochs. :func:`apply_plan` writes the planned values into
+a config; :func:`replan_after` re-plans the next phase's length from the time the previous
+phase really took, so that the budget holds. The plan is saved as ``OUTPUT_DIR/plan.yaml``
+and reused as long as its inputs (config, data, budget, device) are the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Iterable
+
+import torch
+import yaml
+
+from ..config_systems import ConfigSystem
+from ..engine import time_steps
+from ..phase_kinds import PhaseConfigError
+from ..phases import active_phases
+from ..utils.io import atomic_write_text
+from .rules import (
+    CPU_BATCH,
+    GPU_BATCH_CAP,
+    Choice,
+    DataFigures,
+    anchor_recall,
+    batch_and_lr,
+    choose_anchor_sizes,
+    finetune_scale,
+    finetune_sizes,
+    phase_schedule,
+    pretrain_scale,
+    pretrain_sizes,
+    recall_text,
+    roi_batch,
+    schedule_split,
+)
+
+__all__ = [
+    "PLAN_FILE",
+    "PLANNED_PHASES",
+    "apply_plan",
+    "make_plan",
+    "plan_inputs",
+    "plan_table",
+    "read_plan",
+    "replan_after",
+    "write_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.yaml"
+PLANNED_PHASES = ("PRETRAIN", "FINETUNE")
+# Keys of a phase planned together: one of them set by the user keeps the whole group.
+SIZE_KEYS = (
+    "AUGMENTATION",
+    "SCALE",
+    "CROP_SIZE",
+    "RATIO_RANGE",
+    "MIN_SIZE_TRAIN",
+    "MAX_SIZE_TRAIN",
+    "MIN_SIZE_TEST",
+    "MAX_SIZE_TEST",
+)
+LENGTH_KEYS = ("EPOCHS", "MAX_ITER", "DATASET_REPEAT", "STEP_EPOCHS", "WARMUP_ITERS")
+# Shares of the GPU's memory the planned batch may fill.
+GPU_MEMORY_SHARE = 0.8
+# A phase's re-planned length replaces the planned one when they differ by more than this.
+REPLAN_TOLERANCE = 0.1
+
+
+def _phase_key(phase: str, key: str) -> str:
+    return f"DIRECT_PRETRAIN.{phase}.{key}"
+
+
+def plan_inputs(
+    system: ConfigSystem, cfg, data_digests: dict[str, str], user: dict, num_images: int
+) -> dict:
+    """What a plan depends on: the config (less the keys a resume may change), the data, the
+    budget, the device and the keys the user set. A saved plan is reused while they are equal."""
+    safe = set(system.resume_safe_keys)
+    flat = {
+        k: v
+        for k, v in system.flat(cfg).items()
+        if k not in safe and not k.startswith("MODEL.PIXEL_") and not k.startswith("model.pixel_")
+    }
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return {
+        "budget_minutes": float(cfg.DIRECT_PRETRAIN.BUDGET_MINUTES),
+        "device": active_device(system, cfg),
+        "data": dict(sorted(data_digests.items())),
+        "num_images": int(num_images),
+        "config": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "yours": sorted(user),
+    }
+
+
+def active_device(system: ConfigSystem, cfg) -> str:
+    return system.resolve(cfg, active_phases(cfg)[0]).DEVICE
+
+
+class _Planner:
+    """Collects the choices of one plan; a key the user set is kept and marked."""
+
+    def __init__(self, system: ConfigSystem, cfg, user: dict) -> None:
+        self.system, self.cfg, self.user = system, cfg, user
+        self.choices: list[Choice] = []
+
+    def keep_group(self, phase: str, keys: Iterable[str]) -> bool:
+        return any(_phase_key(phase, k) in self.user for k in keys)
+
+    def add(self, phase: str | None, choice: Choice) -> None:
+        key = choice.key if phase is None else _phase_key(phase, choice.key)
+        if key in self.user:
+            current = _plain(_lookup(self.cfg, key))
+            choice = Choice(key, current, f"set in {self.user[key]}", choice.figure, yours=True)
+        else:
+            choice = Choice(key, _plain(choice.value), choice.rule, choice.figure)
+        self.choices.append(choice)
+
+    def keep(self, phase: str, keys: Iterable[str], figure: str) -> None:
+        """Record a group the user set part of: its values stay the config's."""
+        named = [k for k in keys if _phase_key(phase, k) in self.user]
+        for key in keys:
+            full = _phase_key(phase, key)
+            where = self.user.get(full)
+            rule = f"set in {where}" if where else f"kept with {', '.join(named)} (yours)"
+            value = _plain(_lookup(self.cfg, full))
+            self.choices.append(Choice(full, value, rule, figure, yours=bool(where)))
+
+    def values(self) -> dict:
+        return {c.key: c.value for c in self.choices if not c.yours and "." in c.key}
+
+
+def _lookup(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _phase_scale(system: ConfigSystem, cfg, name: str, data: DataFigures) -> float:
+    height, width = data.image_size
+    return system.resolve(cfg, name).train_scale(height, width)
+
+
+def make_plan(
+    system: ConfigSystem, cfg, dicts: list[dict], user: dict, inputs: dict, calibrate=time_steps
+) -> dict:
+    """The plan of ``cfg`` for the training set ``dicts`` (main process).
+
+    Args:
+        system: the config's system.
+        cfg: the pipeline config with ``DIRECT_PRETRAIN.BUDGET_MINUTES`` > 0.
+        dicts: the training set's dataset dicts.
+        user: ``{key: where}`` of the keys the user set (kept).
+        inputs: :func:`plan_inputs` of the config.
+        calibrate: times a resolved phase config's training step (``time_steps``).
+
+    Raises:
+        PhaseConfigError: a pipeline with phases the planner does not plan.
+    """
+    phases = pipeline_phases(cfg)
+    data = DataFigures.of(dicts)
+    device = inputs["device"]
+    planner = _Planner(system, cfg, user)
+    scales: dict[str, float] = {}
+    if "FINETUNE" in phases:
+        if planner.keep_group("FINETUNE", SIZE_KEYS):
+            scales["FINETUNE"] = _phase_scale(system, cfg, "FINETUNE", data)
+            planner.keep("FINETUNE", SIZE_KEYS, _p10(data, scales["FINETUNE"]))
+        else:
+            scales["FINETUNE"] = float(finetune_scale(data).value)
+            for choice in finetune_sizes(data, scales["FINETUNE"], device):
+                planner.add("FINETUNE", choice)
+    if "PRETRAIN" in phases:
+        if planner.keep_group("PRETRAIN", SIZE_KEYS):
+            scales["PRETRAIN"] = _phase_scale(system, cfg, "PRETRAIN", data)
+            planner.keep("PRETRAIN", SIZE_KEYS, _p10(data, scales["PRETRAIN"]))
+        else:
+            base = scales.get("FINETUNE", float(finetune_scale(data).value))
+            scales["PRETRAIN"] = float(pretrain_scale(data, base).value)
+            for choice in pretrain_sizes(data, scales["PRETRAIN"], device):
+                planner.add("PRETRAIN", choice)
+    _plan_anchors(planner, data, scales)
+    crops = {}
+    for phase in phases:
+        planned = system.resolve(system.with_values(cfg, planner.values()), phase)
+        crops[phase] = planned.CROP_SIZE if planned.AUGMENTATION == "fixed_size_crop" else None
+        if system.has_roi_heads(cfg):
+            planner.add(phase, roi_batch(data, scales[phase], crops[phase]))
+        if not device.startswith("cuda"):
+            for choice in batch_and_lr(phase, device):
+                planner.add(phase, choice)
+    calibration = {}
+    for phase in phases:
+        planned_cfg = system.with_values(cfg, planner.values())
+        if device.startswith("cuda"):
+            batch = _gpu_batch(system, planned_cfg, phase, inputs, calibrate)
+            for choice in batch_and_lr(phase, device, batch):
+                planner.add(phase, choice)
+            planned_cfg = system.with_values(cfg, planner.values())
+        calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+    budget = _split_budget(planner, system, cfg, phases, scales, calibration, inputs)
+    return {
+        "inputs": inputs,
+        "fingerprint": {
+            "images": len(dicts),
+            "boxes": int(len(data.sides)),
+            "box_side_px_p10_p50_p90": [round(data.side(p), 1) for p in (10, 50, 90)],
+            "image_size_p50": [round(v) for v in data.image_size],
+        },
+        "scales": {k: round(v, 4) for k, v in scales.items()},
+        "calibration": calibration,
+        "budget_seconds": budget,
+        "choices": [c.row() for c in planner.choices],
+        "values": planner.values(),
+    }
+
+
+def pipeline_phases(cfg) -> list[str]:
+    """The pipeline's phases, all of which the planner must know how to plan."""
+    phases = list(cfg.DIRECT_PRETRAIN.PIPELINE)
+    unknown = [p for p in phases if p not in PLANNED_PHASES]
+    if unknown:
+        raise PhaseConfigError(
+            f"DIRECT_PRETRAIN.BUDGET_MINUTES plans the phases {', '.join(PLANNED_PHASES)}; "
+            f"DIRECT_PRETRAIN.PIPELINE also has {', '.join(unknown)}: set those phases' keys "
+            "yourself and DIRECT_PRETRAIN.BUDGET_MINUTES 0"
+        )
+    return phases
+
+
+def _p10(data: DataFigures, scale: float) -> str:
+    return f"10th-percentile box {data.side(10) * scale:.1f} px at your size"
+
+
+def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]) -> None:
+    layout = planner.system.anchor_layout(planner.cfg)
+    if layout is None:
+        return
+    sizes_key, ratios_key, features = layout
+    strides = [2 ** int(f[1:]) if f[:1] == "p" and f[1:].isdigit() else None for f in features]
+    sizes = _plain(_lookup(planner.cfg, sizes_key))
+    ratios = _plain(_lookup(planner.cfg, ratios_key))
+    if sizes_key in planner.user or None in strides or len(sizes) != len(strides):
+        recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
+        warning = ""
+        if min(recall.values(), default=1.0) < 0.5:
+            warning = (
+                f"{sizes_key} = {sizes} matches only {recall_text(recall)}: consider anchors "
+                "nearer the object sizes (or leave the key to the plan)"
+            )
+        why = f"set in {planner.user[sizes_key]}" if sizes_key in planner.user else "kept"
+        planner.choices.append(
+            Choice(sizes_key, sizes, why, recall_text(recall), yours=True, warning=warning)
+        )
+        return
+    planner.add(
+        None, _rekeyed(choose_anchor_sizes(data, scales, sizes, ratios, strides), sizes_key)
+    )
+
+
+def _rekeyed(choice: Choice, key: str) -> Choice:
+    return Choice(key, choice.value, choice.rule, choice.figure)
+
+
+def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> dict:
+    """Time phase ``phase``'s training step. It runs from random weights: a frozen-BN backbone
+    (meant for trained weights) is timed with BN, which costs slightly more (the plan errs on
+    the safe side) and does not overflow."""
+    resolved = system.resolve(cfg, phase)
+    note = {}
+    if resolved.BACKBONE_NORM == "FrozenBN":
+        cfg = system.with_values(cfg, {_phase_key(phase, "BACKBONE_NORM"): "BN"})
+        resolved = system.resolve(cfg, phase)
+        note = {"timed_with": "BACKBONE_NORM BN in place of FrozenBN (random weights)"}
+    pcfg = system.phase_config(cfg, resolved, inputs["num_images"])
+    timing = {**calibrate(pcfg), **note}
+    logger.info(
+        "Plan: calibrating phase %s: %.2f s per iteration of %d images",
+        phase,
+        timing["seconds_per_iter"],
+        resolved.IMS_PER_BATCH,
+    )
+    return {**timing, "ims_per_batch": resolved.IMS_PER_BATCH}
+
+
+def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> int:
+    """The largest power-of-two batch whose memory, extrapolated from a probe at the CPU batch,
+    fits ``GPU_MEMORY_SHARE`` of the GPU (capped per phase)."""
+    probe = CPU_BATCH[phase]
+    probe_cfg = system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): probe})
+    peak = _calibrate(system, probe_cfg, phase, inputs, calibrate)["peak_mb"]
+    total = torch.cuda.get_device_properties(0).total_memory / 2**20
+    fits = GPU_MEMORY_SHARE * total / max(peak / probe, 1.0)
+    return int(min(GPU_BATCH_CAP[phase], 2 ** max(0, int(math.log2(max(1.0, fits))))))
+
+
+def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> dict:
+    """Each phase's training seconds, and its length keys filling them."""
+    total = 60.0 * inputs["budget_minutes"]
+    planned_cfg = system.with_values(cfg, planner.values())
+    fixed = {}
+    for phase in phases:
+        if planner.keep_group(phase, ("EPOCHS", "MAX_ITER")):
+            resolved = system.resolve(planned_cfg, phase)
+            iters, _ = resolved.schedule(inputs["num_images"])
+            fixed[phase] = iters * calibration[phase]["seconds_per_iter"]
+            planner.keep(phase, LENGTH_KEYS, f"{iters} iterations: {fixed[phase] / 60:.1f} min")
+    free = [p for p in phases if p not in fixed]
+    left = max(0.0, total - sum(fixed.values()))
+    seconds = dict(fixed)
+    if len(free) == 2:
+        change = scales["FINETUNE"] / scales["PRETRAIN"]
+        share = schedule_split(change)
+        planner.choices.append(
+            Choice("budget share of FINETUNE", round(share.value, 3), share.rule, share.figure)
+        )
+        seconds["FINETUNE"] = left * float(share.value)
+        seconds["PRETRAIN"] = left - seconds["FINETUNE"]
+    elif free:
+        seconds[free[0]] = left
+    if sum(fixed.values()) > total:
+        logger.warning(
+            "Plan: the phases whose length you set (%s) take %.1f of the %.1f minutes of "
+            "DIRECT_PRETRAIN.BUDGET_MINUTES by the calibration.",
+            ", ".join(fixed),
+            sum(fixed.values()) / 60,
+            total / 60,
+        )
+    for phase in free:
+        planned = system.resolve(planned_cfg, phase)
+        speed = calibration[phase]["seconds_per_iter"]
+        if seconds[phase] < 10 * speed:
+            logger.warning(
+                "Plan: phase %s gets %.0f s of the budget, under 10 iterations (%.1f s each): "
+                "it runs 10.",
+                phase,
+                seconds[phase],
+                speed,
+            )
+        for choice in phase_schedule(
+            phase, seconds[phase], speed, planned.IMS_PER_BATCH, inputs["num_images"]
+        ):
+            planner.add(phase, choice)
+    return {k: round(v, 1) for k, v in seconds.items()}
+
+
+def apply_plan(system: ConfigSystem, cfg, plan: dict):
+    """``cfg`` with the plan's values (and a later re-plan's) written in."""
+    values = dict(plan["values"])
+    for replanned in plan.get("replanned", {}).values():
+        values.update(replanned["values"])
+    return system.with_values(cfg, values)
+
+
+def replan_after(system: ConfigSystem, cfg, plan: dict, done: str, record: dict) -> dict | None:
+    """Re-plan the length of the phase after ``done`` from the training seconds ``done`` really
+    took (its ``phase_done.json`` ``record``), so that the budget holds; None if unchanged.
+
+    The re-planned length is deterministic given the record, so a rerun repeats it."""
+    phases = list(cfg.DIRECT_PRETRAIN.PIPELINE)
+    index = phases.index(done) if done in phases else -1
+    if index < 0 or index + 1 >= len(phases):
+        return None
+    phase = phases[index + 1]
+    if _phase_key(phase, "EPOCHS") not in plan["values"]:
+        return None  # the user set its length
+    used = float(record["wall_seconds"]) - float(record.get("eval_seconds", 0.0))
+    calibrated = plan["calibration"][done]["seconds_per_iter"]
+    drift = (used / max(1, record["iterations"])) / calibrated
+    spent = sum(plan["budget_seconds"][p] for p in phases[:index] if p in plan["budget_seconds"])
+    left = max(0.0, 60.0 * plan["inputs"]["budget_minutes"] - spent - used)
+    planned = sum(plan["budget_seconds"][p] for p in phases[index + 1 :])
+    seconds = left * plan["budget_seconds"][phase] / planned if planned else left
+    if (
+        abs(seconds - plan["budget_seconds"][phase])
+        <= REPLAN_TOLERANCE * plan["budget_seconds"][phase]
+    ):
+        return None
+    speed = plan["calibration"][phase]["seconds_per_iter"] * drift
+    batch = plan["calibration"][phase]["ims_per_batch"]
+    choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])
+    values = {_phase_key(phase, c.key): _plain(c.value) for c in choices}
+    values = {k: v for k, v in values.items() if k in plan["values"]}
+    reason = (
+        f"phase {done} trained {used:.0f} s (planned {plan['budget_seconds'][done]:.0f} s; "
+        f"{drift:.2f}x the calibrated time per iteration): phase {phase} gets {seconds:.0f} s "
+        f"(planned {plan['budget_seconds'][phase]:.0f} s) at {speed:.2f} s per iteration"
+    )
+    return {"phase": phase, "seconds": round(seconds, 1), "values": values, "reason": reason}
+
+
+def write_plan(path: str, plan: dict) -> None:
+    atomic_write_text(path, yaml.safe_dump(plan, sort_keys=False))
+
+
+def read_plan(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def plan_table(plan: dict) -> str:
+    """The plan as the user reads it before training: one row per key, then the budget."""
+    rows = [("key", "value", "by", "why (data figure)")]
+    order = {p: i for i, p in enumerate(PLANNED_PHASES)}
+
+    def phase_of(choice: dict) -> int:
+        parts = choice["key"].split(".")
+        return order.get(parts[1], -1) if parts[0] == "DIRECT_PRETRAIN" else len(order)
+
+    for c in sorted(plan["choices"], key=phase_of):
+        why = c["rule"] + (f" ({c['figure']})" if c.get("figure") else "")
+        value = c["value"]
+        rows.append((c["key"].removeprefix("DIRECT_PRETRAIN."), _short(value), c["by"], why))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}" for r in rows]
+    budget = plan["inputs"]["budget_minutes"]
+    split = ", ".join(
+        f"{p} {s / 60:.1f} min at {plan['calibration'][p]['seconds_per_iter']:.2f} s/iteration "
+        f"({plan['calibration'][p]['ims_per_batch']} images)"
+        for p, s in plan["budget_seconds"].items()
+    )
+    lines.append(f"Budget {budget:g} min of training ({plan['inputs']['device']}): {split}.")
+    for c in plan["choices"]:
+        if c.get("warning"):
+            lines.append(f"Warning: {c['warning']}")
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value

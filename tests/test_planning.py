@@ -1,0 +1,292 @@
+"""The planner: plans from synthetic datasets of different shapes, user values kept, the saved
+plan reused or refused, re-planning on speed drift, ``--plan-only``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from direct_pretrain.config import get_cfg
+from direct_pretrain.config_systems import system_of
+from direct_pretrain.planning import (
+    PLAN_FILE,
+    PlanChangedError,
+    apply_plan,
+    make_plan,
+    planned_config,
+    replan_after,
+)
+from direct_pretrain.planning.plan import plan_inputs
+from direct_pretrain.planning.rules import DataFigures, anchor_recall
+
+from conftest import ROOT, shrink, tiny_cfg, write_config
+
+DEMO = ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml"
+PLANNED = ROOT / "configs" / "planned" / "faster_rcnn_R_18_FPN.yaml"
+
+
+def _dataset(sizes, sides, per_image=10, seed=0) -> list[dict]:
+    """Images of the given (height, width) sizes (cycled), each with ``per_image`` square-ish
+    boxes whose side is drawn log-uniformly from ``sides`` (min, max)."""
+    rng = np.random.default_rng(seed)
+    dicts = []
+    for i in range(40):
+        height, width = sizes[i % len(sizes)]
+        anns = []
+        for _ in range(per_image):
+            side = float(np.exp(rng.uniform(*np.log(sides))))
+            w, h = side * rng.uniform(0.8, 1.25), side
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            anns.append({"bbox": [x, y, w, h], "bbox_mode": 1, "category_id": 0, "iscrowd": 0})
+        dicts.append({"height": height, "width": width, "annotations": anns})
+    return dicts
+
+
+def _planned_cfg():
+    cfg = get_cfg()
+    cfg.merge_from_file(str(PLANNED))
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def _calibrate(seconds=0.5):
+    calls = []
+
+    def calibrate(pcfg):
+        calls.append(pcfg.DIRECT_PRETRAIN.PHASE)
+        return {"seconds_per_iter": seconds, "peak_mb": 0.0, "steps": 1}
+
+    calibrate.calls = calls
+    return calibrate
+
+
+def _plan(dicts, cfg=None, user=None, budget=10.0):
+    cfg = cfg or _planned_cfg()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = budget
+    cfg.freeze()
+    system = system_of(cfg)
+    inputs = plan_inputs(system, cfg, {"data": "x"}, user or {}, len(dicts))
+    plan = make_plan(system, cfg, dicts, user or {}, inputs, calibrate=_calibrate())
+    return plan, apply_plan(system, cfg, plan)
+
+
+def _values(plan) -> dict:
+    return {k.removeprefix("DIRECT_PRETRAIN."): v for k, v in plan["values"].items()}
+
+
+def test_tiny_objects_in_large_images_train_on_crops_at_an_enlarged_scale():
+    plan, cfg = _plan(_dataset([(2560, 2560)], (8, 20)))
+    v = _values(plan)
+    assert plan["scales"]["FINETUNE"] > 1  # 10th-percentile box under 16 px: enlarged
+    assert v["FINETUNE.AUGMENTATION"] == "fixed_size_crop"
+    assert v["FINETUNE.CROP_SIZE"] == [512, 512]  # the CPU crop limit
+    assert v["FINETUNE.MIN_SIZE_TEST"] > 2560  # evaluated on whole images at that scale
+    # Pre-training shrinks less than 1/3 so that the small boxes keep 10 px.
+    assert 1 / 3 < plan["scales"]["PRETRAIN"] / plan["scales"]["FINETUNE"] < 1
+    assert v["PRETRAIN.CROP_SIZE"] == [320, 320]
+    phase = system_of(cfg).resolve(cfg, "FINETUNE")
+    assert phase.AUGMENTATION == "fixed_size_crop" and phase.CROP_SIZE == (512, 512)
+
+
+def test_large_objects_in_small_images_shrink_both_phases():
+    plan, _ = _plan(_dataset([(480, 640)], (100, 250)))
+    v = _values(plan)
+    assert plan["scales"]["FINETUNE"] < 0.3  # the 10th-percentile box (~110 px) -> 24 px
+    assert v["FINETUNE.AUGMENTATION"] == "shortest_edge"
+    assert v["FINETUNE.MIN_SIZE_TRAIN"][0] < 480
+    # the fine-tune scale puts the 10th-percentile box at 24 px; pre-training keeps it at 10
+    assert plan["scales"]["PRETRAIN"] == pytest.approx(
+        plan["scales"]["FINETUNE"] * 10 / 24, rel=0.01
+    )
+    anchors = v["MODEL.ANCHOR_GENERATOR.SIZES"]
+    assert all(a[0] >= 3 * s for a, s in zip(anchors, (4, 8, 16, 32, 64)))
+
+
+def test_mixed_sizes_get_anchors_that_match_most_boxes_at_both_scales():
+    dicts = _dataset([(800, 800)], (6, 300))
+    plan, cfg = _plan(dicts)
+    anchors = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    data = DataFigures.of(dicts)
+    ratios = cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS
+    for phase, scale in plan["scales"].items():
+        chosen = anchor_recall(data.box_wh * scale, anchors, ratios)
+        for k in (-1, 1):  # the chosen power of two is the best allowed one
+            other = [[a[0] * 2.0**k] for a in anchors]
+            if other[0][0] >= 12:
+                assert chosen >= anchor_recall(data.box_wh * scale, other, ratios) - 0.05
+        assert chosen > 0.8, phase
+
+
+def test_one_image_size_or_many_plan_from_the_median_image():
+    one = _values(_plan(_dataset([(600, 800)], (30, 60)))[0])
+    many = _values(_plan(_dataset([(300, 400), (600, 800), (900, 1200)], (30, 60)))[0])
+    for key in ("FINETUNE.MIN_SIZE_TEST", "FINETUNE.MAX_SIZE_TEST", "PRETRAIN.SCALE"):
+        assert one[key] == many[key], key
+
+
+def test_the_budget_is_split_and_turned_into_epochs():
+    dicts = _dataset([(256, 256)], (15, 60))
+    plan, cfg = _plan(dicts, budget=12.0)
+    seconds = plan["budget_seconds"]
+    assert sum(seconds.values()) == pytest.approx(720, abs=1)
+    assert seconds["FINETUNE"] == pytest.approx(240, abs=1)  # a third (scale change ~2x)
+    system = system_of(cfg)
+    for phase in ("PRETRAIN", "FINETUNE"):
+        iters, _ = system.resolve(cfg, phase).schedule(len(dicts))
+        assert iters == pytest.approx(seconds[phase] / 0.5, rel=0.02)  # 0.5 s per iteration
+
+
+def test_values_you_set_are_kept_and_marked_yours(caplog):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(DEMO))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[512], [1024], [2048], [4096], [8192]]
+    user = {
+        "DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN": "demo.yaml",
+        "DIRECT_PRETRAIN.PRETRAIN.EPOCHS": "demo.yaml",
+        "MODEL.ANCHOR_GENERATOR.SIZES": "the command line",
+    }
+    plan, planned = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, user=user)
+    rows = {c["key"]: c for c in plan["choices"]}
+    assert rows["DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN"]["by"] == "yours"
+    assert rows["DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN"]["value"] == [256]
+    assert tuple(planned.DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN) == (256,)
+    # the rest of that group stays the config's, marked as kept with your key
+    assert "kept with MIN_SIZE_TRAIN" in rows["DIRECT_PRETRAIN.FINETUNE.MAX_SIZE_TRAIN"]["rule"]
+    assert planned.DIRECT_PRETRAIN.PRETRAIN.EPOCHS == 24.0
+    assert rows["DIRECT_PRETRAIN.PRETRAIN.EPOCHS"]["by"] == "yours"
+    anchors = rows["MODEL.ANCHOR_GENERATOR.SIZES"]
+    assert anchors["by"] == "yours" and "matches only" in anchors["warning"]
+    # planned keys the user did not set
+    assert rows["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]["by"] == "plan"
+
+
+def test_a_pipeline_the_planner_does_not_know_is_refused():
+    cfg = _planned_cfg().clone()
+    cfg.defrost()
+    cfg.DIRECT_PRETRAIN.PIPELINE = ["PRETRAIN", "BOX_DOMAIN", "FINETUNE"]
+    with pytest.raises(Exception, match="BUDGET_MINUTES plans the phases.*BOX_DOMAIN"):
+        _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg)
+
+
+def _tiny_budget_cfg(synthetic_data, tmp_path, budget=1.0):
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = budget
+    cfg.freeze()
+    return cfg
+
+
+def test_a_saved_plan_is_reused_and_a_changed_budget_refused_once_a_phase_started(
+    synthetic_data, tmp_path
+):
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path)
+    system = system_of(cfg)
+    dicts = _dataset([(64, 64)], (10, 30))
+    calibrate = _calibrate()
+    first, plan = planned_config(system, cfg, dicts, {}, {"tiny": "a"}, calibrate)
+    assert calibrate.calls == ["PRETRAIN", "FINETUNE"]
+    again, plan2 = planned_config(system, cfg, dicts, {}, {"tiny": "a"}, _calibrate(9.0))
+    assert plan2 == plan and system.flat(again) == system.flat(first)  # not re-calibrated
+    other = cfg.clone()
+    other.defrost()
+    other.DIRECT_PRETRAIN.BUDGET_MINUTES = 2.0
+    # nothing trained yet: a new budget is simply re-planned
+    planned_config(system, other, dicts, {}, {"tiny": "a"}, _calibrate())
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "phase_keys.json").write_text("{}")
+    with pytest.raises(PlanChangedError, match=r"budget_minutes.*2.0 -> 1.0"):
+        planned_config(system, cfg, dicts, {}, {"tiny": "a"}, _calibrate())
+    with pytest.raises(PlanChangedError, match="data"):
+        planned_config(system, other, dicts, {}, {"tiny": "b"}, _calibrate())
+
+
+def test_the_next_phase_is_replanned_when_the_previous_one_ran_slower(synthetic_data, tmp_path):
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=10.0)
+    system = system_of(cfg)
+    plan, _ = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, budget=10.0)
+    pre_iters = plan["budget_seconds"]["PRETRAIN"] / 0.5
+    on_time = {"wall_seconds": plan["budget_seconds"]["PRETRAIN"], "iterations": pre_iters}
+    assert replan_after(system, cfg, plan, "PRETRAIN", on_time) is None
+    slow = {"wall_seconds": 1.5 * on_time["wall_seconds"] + 30, "eval_seconds": 30}
+    slow["iterations"] = pre_iters
+    replanned = replan_after(system, cfg, plan, "PRETRAIN", slow)
+    assert replanned["phase"] == "FINETUNE"
+    # half of PRETRAIN's overrun is taken from FINETUNE, which also runs 1.5x slower
+    left = 600 - 1.5 * plan["budget_seconds"]["PRETRAIN"]
+    assert replanned["seconds"] == pytest.approx(left, abs=1)
+    epochs = replanned["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    assert epochs < plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] / 2
+    assert "1.50x the calibrated time" in replanned["reason"]
+    assert replanned == replan_after(system, cfg, plan, "PRETRAIN", slow)  # deterministic
+
+
+def test_plan_only_prints_the_plan_and_trains_nothing(synthetic_data, tmp_path):
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.5
+    config = write_config(cfg, tmp_path / "cfg.yaml")
+    result = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", str(config), "--plan-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = yaml.safe_load((tmp_path / PLAN_FILE).read_text())
+    assert set(plan["calibration"]) == {"PRETRAIN", "FINETUNE"}
+    log = (tmp_path / "log.txt").read_text()
+    assert "PRETRAIN.SCALE" in log and "yours" in log and "Budget 0.5 min" in log
+    assert not (tmp_path / "pretrain").exists() and not (tmp_path / "finetune").exists()
+    assert (tmp_path / "report" / "box_sizes.png").is_file()
+    assert (tmp_path / "fingerprint.json").is_file()
+
+
+def test_a_budgeted_run_reports_the_budget_against_the_time_used(synthetic_data, tmp_path):
+    from direct_pretrain.pipeline import run_pipeline
+
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.2
+    cfg.freeze()
+    summary = run_pipeline(cfg, user_keys={})
+    budget = summary["budget"]
+    assert budget["minutes"] == 0.2
+    assert set(budget["used_seconds"]) == {"PRETRAIN", "FINETUNE"}
+    plan = yaml.safe_load((tmp_path / PLAN_FILE).read_text())
+    saved = json.loads((tmp_path / "finetune" / "phase_keys.json").read_text())
+    planned_epochs = plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    for replanned in plan.get("replanned", {}).values():
+        planned_epochs = replanned["values"].get("DIRECT_PRETRAIN.FINETUNE.EPOCHS", planned_epochs)
+    assert saved["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] == planned_epochs
+    # the same command resumes: nothing is re-planned, both phases are skipped
+    again = run_pipeline(cfg, user_keys={})
+    assert again["phases"].keys() == summary["phases"].keys()
+
+
+def test_lazyconfig_runs_are_planned_too(synthetic_data, tmp_path, caplog):
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py"))
+    cfg = shrink(cfg, synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 1.0
+    system = system_of(cfg)
+    with caplog.at_level(logging.INFO):
+        planned, plan = planned_config(
+            system, cfg, _dataset([(64, 64)], (10, 30)), {}, {"tiny": "a"}, _calibrate()
+        )
+    assert "model.proposal_generator.anchor_generator.sizes" in plan["values"]
+    assert (
+        planned.DIRECT_PRETRAIN.FINETUNE.EPOCHS == plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    )
+    assert system.resolve(planned, "PRETRAIN").CROP_SIZE == tuple(
+        plan["values"]["DIRECT_PRETRAIN.PRETRAIN.CROP_SIZE"]
+    )
