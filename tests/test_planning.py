@@ -267,6 +267,8 @@ def test_a_budgeted_run_reports_the_budget_against_the_time_used(synthetic_data,
     for replanned in plan.get("replanned", {}).values():
         planned_epochs = replanned["values"].get("DIRECT_PRETRAIN.FINETUNE.EPOCHS", planned_epochs)
     assert saved["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] == planned_epochs
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "## Budget: 0.2 minutes" in index and "box_sizes.png" in index
     # the same command resumes: nothing is re-planned, both phases are skipped
     again = run_pipeline(cfg, user_keys={})
     assert again["phases"].keys() == summary["phases"].keys()

@@ -78,6 +78,7 @@ from .run_folder import (
     FINGERPRINT_FILE,
     PHASE_CONFIG_FILE,
     PHASE_KEYS_FILE,
+    PHASE_SAFE_KEYS,
     PIPELINE_CONFIG_FILE,
     SUMMARY_FILE,
     export_for_prediction,
@@ -97,8 +98,6 @@ __all__ = ["PhaseStateError", "evaluate_weights", "plan_run", "prepare_config", 
 
 logger = logging.getLogger(__name__)
 
-# Phase keys that may change between a run and its resume (speed and bookkeeping only).
-PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 # How a phase folder remembers a path inside the run folder.
 RUN_DIR_VARIABLE = "$OUTPUT_DIR"
 # Phase-key prefix of the dataset fingerprints a phase folder remembers.

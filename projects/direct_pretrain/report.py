@@ -25,6 +25,7 @@ from .utils.io import atomic_write_text  # noqa: E402
 
 __all__ = [
     "ap_table",
+    "budget_table",
     "draw_examples",
     "plot_ap_vs_time",
     "plot_losses",
@@ -222,6 +223,7 @@ def draw_examples(
 
 # The report's figures, in the order the index shows them, with what each shows.
 _FIGURES = (
+    ("box_sizes.png", "Box sizes at each phase's training scale, anchor sizes and strides"),
     ("batches_*.jpg", "Training batches as the model receives them (first batch of each phase)"),
     ("loss_curves.png", "Losses"),
     ("ap_vs_time.png", "Box AP against training time"),
@@ -231,6 +233,21 @@ _FIGURES = (
 )
 
 
+def budget_table(budget: dict) -> list[str]:
+    """Markdown lines: each phase's planned training minutes against those it used."""
+    lines = [
+        f"## Budget: {budget['minutes']:g} minutes of training (plan: ../plan.yaml)",
+        "",
+        "| phase | planned min | used min | evaluation min (not counted) |",
+        "|---|---|---|---|",
+    ]
+    for phase, used in budget["used_seconds"].items():
+        planned = budget["planned_seconds"].get(phase, 0.0)
+        evaluation = budget["eval_seconds"].get(phase, 0.0)
+        lines.append(f"| {phase} | {planned / 60:.1f} | {used / 60:.1f} | {evaluation / 60:.1f} |")
+    return lines + [""]
+
+
 def write_index(folder: str | Path, summary: dict) -> Path:
     """``report/index.md``: the AP tables, warnings and every figure in ``folder``, inline
     (Markdown viewers show the images); written last, so it lists what exists."""
@@ -238,6 +255,8 @@ def write_index(folder: str | Path, summary: dict) -> Path:
     lines = [f"# Run {summary.get('output_dir', folder.parent)}", "", ap_table(summary)]
     for warning in summary.get("warnings") or []:
         lines += [f"> **Warning.** {warning}", ""]
+    if summary.get("budget"):
+        lines += budget_table(summary["budget"])
     for pattern, title in _FIGURES:
         files = sorted(folder.glob(pattern))
         if files:

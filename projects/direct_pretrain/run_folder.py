@@ -35,6 +35,7 @@ __all__ = [
     "FINGERPRINT_FILE",
     "PHASE_CONFIG_FILE",
     "PHASE_KEYS_FILE",
+    "PHASE_SAFE_KEYS",
     "PIPELINE_CONFIG_FILE",
     "PREDICT_CONFIG_FILE",
     "PREDICT_THRESHOLD_FILE",
@@ -51,6 +52,9 @@ __all__ = [
     "save_predict_threshold",
     "saved_pixel_stats",
 ]
+
+# Phase keys that may change between a run and its resume (speed and bookkeeping only).
+PHASE_SAFE_KEYS = ("CHECKPOINT_PERIOD", "EVAL_PERIOD", "RESIZED_CACHE", "AMP")
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,13 @@ from typing import Iterable
 
 import torch
 import yaml
+from detectron2.utils import comm
 
 from ..config_systems import ConfigSystem
 from ..engine import time_steps
 from ..phase_kinds import PhaseConfigError
 from ..phases import active_phases
+from ..run_folder import PHASE_SAFE_KEYS
 from ..utils.io import atomic_write_text
 from .rules import (
     CPU_BATCH,
@@ -87,11 +89,12 @@ def plan_inputs(
 ) -> dict:
     """What a plan depends on: the config (less the keys a resume may change), the data, the
     budget, the device and the keys the user set. A saved plan is reused while they are equal."""
-    safe = set(system.resume_safe_keys)
+    safe = {*system.resume_safe_keys, "DIRECT_PRETRAIN.PHASE"}
+    safe |= {_phase_key(p, k) for p in PLANNED_PHASES for k in PHASE_SAFE_KEYS}
     flat = {
         k: v
         for k, v in system.flat(cfg).items()
-        if k not in safe and not k.startswith("MODEL.PIXEL_") and not k.startswith("model.pixel_")
+        if k not in safe and not k.lower().startswith("model.pixel_")
     }
     text = json.dumps(flat, sort_keys=True, default=str)
     return {
@@ -100,8 +103,12 @@ def plan_inputs(
         "data": dict(sorted(data_digests.items())),
         "num_images": int(num_images),
         "config": hashlib.sha256(text.encode()).hexdigest()[:16],
-        "yours": sorted(user),
+        "yours": sorted(k for k in user if k not in safe and _plannable(k)),
     }
+
+
+def _plannable(key: str) -> bool:
+    return key.startswith("DIRECT_PRETRAIN.") or "anchor" in key.lower()
 
 
 def active_device(system: ConfigSystem, cfg) -> str:
@@ -304,14 +311,16 @@ def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -
 
 
 def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> int:
-    """The largest power-of-two batch whose memory, extrapolated from a probe at the CPU batch,
-    fits ``GPU_MEMORY_SHARE`` of the GPU (capped per phase)."""
-    probe = CPU_BATCH[phase]
-    probe_cfg = system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): probe})
+    """The total batch whose per-GPU part is the largest power of two that, extrapolated from
+    the memory of a probe at the CPU batch, fits ``GPU_MEMORY_SHARE`` of the GPU (capped)."""
+    world = comm.get_world_size()
+    per_gpu = max(1, CPU_BATCH[phase] // world)
+    probe_cfg = system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): per_gpu * world})
     peak = _calibrate(system, probe_cfg, phase, inputs, calibrate)["peak_mb"]
     total = torch.cuda.get_device_properties(0).total_memory / 2**20
-    fits = GPU_MEMORY_SHARE * total / max(peak / probe, 1.0)
-    return int(min(GPU_BATCH_CAP[phase], 2 ** max(0, int(math.log2(max(1.0, fits))))))
+    fits = GPU_MEMORY_SHARE * total / max(peak / per_gpu, 1.0)
+    per_gpu = 2 ** max(0, int(math.log2(max(1.0, fits))))
+    return int(min(GPU_BATCH_CAP[phase], per_gpu * world))
 
 
 def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> dict:
