@@ -292,3 +292,23 @@ def test_lazyconfig_runs_are_planned_too(synthetic_data, tmp_path, caplog):
     assert system.resolve(planned, "PRETRAIN").CROP_SIZE == tuple(
         plan["values"]["DIRECT_PRETRAIN.PRETRAIN.CROP_SIZE"]
     )
+
+
+@pytest.mark.parametrize(
+    "recipe, anchors",
+    [
+        ("retinanet_R_50_FPN_direct_P1x_1x.yaml", "MODEL.ANCHOR_GENERATOR.SIZES"),
+        ("fcos_R_50_FPN_direct_P1x_1x.yaml", None),  # anchor-free: no anchors, no RoIs
+    ],
+)
+def test_one_stage_detectors_are_planned(recipe, anchors):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(ROOT / "configs" / "COCO" / recipe))
+    plan, planned = _plan(_dataset([(640, 640)], (20, 120)), cfg=cfg)
+    assert (anchors in plan["values"]) == (anchors is not None)
+    assert not any("ROI_BATCH" in k for k in plan["values"])
+    if anchors:  # three sizes per level, scaled together, each >= 3x its stride
+        sizes = planned.MODEL.ANCHOR_GENERATOR.SIZES
+        assert all(len(level) == 3 for level in sizes)
+        assert all(min(level) >= 3 * s for level, s in zip(sizes, (8, 16, 32, 64, 128)))
+    assert "DIRECT_PRETRAIN.FINETUNE.EPOCHS" in plan["values"]
