@@ -134,6 +134,11 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     node.REGISTER_YOLO = []
     # What to do with an image that cannot be read: "stop" (error naming it) or "skip".
     node.BAD_IMAGES = "stop"
+    # Fraction of the training images held out of every phase's training as a validation
+    # slice on which the run's final model is chosen among its detector phases; 0: none.
+    node.VAL_SLICE = 0.1
+    # At most this many images in the validation slice.
+    node.VAL_SLICE_MAX_IMAGES = 50
 
     node.BRIDGE = CN()
     # Re-initialise class-specific predictor layers when the class count differs
