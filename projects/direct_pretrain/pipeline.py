@@ -8,7 +8,9 @@ with a config or data that would change its result is refused, naming the keys o
 Every phase says in the log whether it is skipped, started, resumed or bridged. At the end it
 writes ``summary.json`` (per phase: box AP, AP50, AP75, per object size and per class), matches
 the final evaluation's detections to the test set (:mod:`.results`) to save the F1-best score
-threshold for prediction, writes the report and logs the AP table. Works the same
+threshold for prediction, writes the report and logs the AP table. The run's final model is the
+last phase's unless an earlier detector phase scores higher on a validation slice held out of
+the training set (:mod:`.final_choice`). Works the same
 for yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
 main process writes files; the others wait for it). Each phase's settings come from
 :func:`direct_pretrain.phases.resolve_phase`, through the config system.
@@ -42,6 +44,7 @@ from .config_systems import ConfigSystem, system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
+from .final_choice import choose_final_phase, hold_out_val_slice
 from .outcome import (
     ap_text,
     phase_results,
@@ -400,7 +403,8 @@ def run_pipeline(cfg) -> dict:
     """Run every active phase of ``cfg`` in order; return and write ``summary.json``.
 
     Finished phases are skipped, an interrupted one resumes. Each phase whose INIT is
-    "previous" starts from the previous phase's final model through the bridge.
+    "previous" starts from the previous phase's final model through the bridge. The run's
+    ``model_final.pth`` is the final model of the phase the validation slice chooses.
     """
     start = time.perf_counter()
     system = system_of(cfg)
@@ -410,8 +414,9 @@ def run_pipeline(cfg) -> dict:
     fingerprints = dataset_fingerprints(system.dataset_names(cfg))
     if comm.is_main_process():
         system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), PIPELINE_CONFIG_FILE))
+    cfg, num_images, val_slice = hold_out_val_slice(system, cfg, num_images)
     summary = {"output_dir": system.output_dir(cfg), "device": None, "phases": {}}
-    records = {}
+    records, ran = {}, {}
     for name in active_phases(cfg):
         phase = system.resolve(cfg, name)
         pcfg = system.phase_config(cfg, phase, num_images)
@@ -442,7 +447,7 @@ def run_pipeline(cfg) -> dict:
             if from_previous:
                 _bridge_into(system, cfg, phase, pcfg, num_images)
             record = _run_phase(system, phase, pcfg, fingerprints)
-        final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
+        ran[name] = (phase, pcfg)
         records[name] = record
         summary["phases"][name] = {
             **phase_results(record),
@@ -451,7 +456,14 @@ def run_pipeline(cfg) -> dict:
             "iterations": record["iterations"],
             "ims_per_batch": record["ims_per_batch"],
         }
-    summary["warnings"] = worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
+    choice = choose_final_phase(system, cfg, list(ran), val_slice)
+    name, (phase, pcfg) = choice.phase, ran[choice.phase]
+    final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
+    summary["final_phase"], summary["val_slice"] = name, choice.val_slice
+    summary["warnings"] = [
+        *worse_than_earlier(summary["phases"], system.split_names(cfg)[1], name),
+        *choice.warnings,
+    ]
     summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
     summary["pipeline_wall_seconds_this_run"] = round(time.perf_counter() - start, 1)
     if comm.is_main_process():
