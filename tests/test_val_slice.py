@@ -16,6 +16,7 @@ from direct_pretrain import final_choice
 from direct_pretrain.config_systems import load_config, system_of
 from direct_pretrain.data.val_slice import held_out, slice_size
 from direct_pretrain.final_choice import hold_out_val_slice
+from direct_pretrain.outcome import worse_than_earlier
 from direct_pretrain.pipeline import prepare_config, run_pipeline
 from direct_pretrain.predict import load_run
 
@@ -125,6 +126,34 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
     index = (tmp_path / "report" / "index.md").read_text()
     assert "**Final model: PRETRAIN's, not the last phase's**" in index and message in index
     assert load_run(tmp_path, device="cpu").INPUT.MIN_SIZE_TEST == 32  # predict.py --run
+    # An evaluation interrupted before its file was written, or of another model, is redone.
+    (tmp_path / "pretrain" / "val_slice_eval.json").unlink()
+    cache = tmp_path / "finetune" / "val_slice_eval.json"
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "model": "another model"}))
+    evaluated = []
+
+    def fake_evaluation(system, cfg, phase, weights):
+        evaluated.append(phase)
+        return {"bbox": {"AP": {"PRETRAIN": 5.0, "FINETUNE": 60.0}[phase]}}
+
+    monkeypatch.setattr(final_choice, "evaluate_on_slice", fake_evaluation)
+    summary = run_pipeline(cfg)
+    assert evaluated == ["PRETRAIN", "FINETUNE"] and summary["val_slice"]["reused"] == []
+    assert summary["final_phase"] == "FINETUNE" and summary["warnings"] == []
+    final, tuned = _model(tmp_path / "model_final.pth"), _model(
+        tmp_path / "finetune" / "model_final.pth"
+    )
+    assert all(torch.equal(final[k], tuned[k]) for k in final)
+
+
+def test_the_test_set_warning_names_the_final_model_chosen_on_the_slice():
+    phases = {"PRETRAIN": {"AP": 12.0}, "FINETUNE": {"AP": 14.0}}
+    (warning,) = worse_than_earlier(phases, ["v"], "PRETRAIN")
+    assert warning.startswith(
+        "Phase PRETRAIN, chosen on the validation slice, ends below phase FINETUNE on v: box AP "
+        "12.0 against 14.0. model_final.pth is the PRETRAIN model;"
+    )
+    assert worse_than_earlier(phases, ["v"], "FINETUNE") == []
 
 
 def test_val_slice_0_trains_on_the_whole_training_set(data24, tmp_path, caplog):
