@@ -58,14 +58,14 @@ def ap_table(summary: dict) -> str:
             f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | {ap} | "
             f"{rec['wall_seconds']:.0f} |"
         )
-    last = summary.get("final_phase") or (
+    final = summary.get("final_phase") or (
         list(summary["phases"])[-1] if summary["phases"] else None
     )
-    per_class = summary["phases"][last].get("per_class") if last else None
+    per_class = summary["phases"][final].get("per_class") if final else None
     if per_class:
         lines += [
             "",
-            f"Per class ({last}):",
+            f"Per class ({final}):",
             "",
             "| class | AP | AP50 | AP75 |",
             "|---|---|---|---|",
