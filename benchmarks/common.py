@@ -98,7 +98,7 @@ def run_training(
 
 
 def collect_run(folder: Path, clock: str = "wall") -> dict:
-    """Final box AP and AP50 of a finished train_net.py run, its training seconds
+    """Box AP and AP50 of a finished train_net.py run's final model, its training seconds
     (evaluation excluded; with ``clock`` "cpu" also its CPU seconds) and its AP-vs-time
     curves on that clock (:func:`direct_pretrain.report.ap_vs_time`)."""
     summary = json.loads((folder / "summary.json").read_text())
@@ -106,10 +106,10 @@ def collect_run(folder: Path, clock: str = "wall") -> dict:
         p: json.loads((folder / p.lower() / "phase_done.json").read_text())
         for p in summary["phases"]
     }
-    last = list(summary["phases"].values())[-1]
+    final = summary["phases"][summary.get("final_phase") or list(summary["phases"])[-1]]
     result = {
-        "AP": last["AP"],
-        "AP50": last["AP50"],
+        "AP": final["AP"],
+        "AP50": final["AP50"],
         "train_seconds": sum(r["wall_seconds"] - r["eval_seconds"] for r in records.values()),
         "curves": ap_vs_time(records, clock),
     }

@@ -169,8 +169,8 @@ def main(args: argparse.Namespace) -> dict:
     image_bgr = read_image_checked(str(image_path), "BGR")
     tiles_ap, num_tiles = tile_level_ap(run, args.source, image_bgr, args.opts)
     summary = json.loads((run / "summary.json").read_text())
-    last = list(summary["phases"].values())[-1]
-    validation = {k: last.get(k, float("nan")) for k in ("AP", "AP50", "AP75")}
+    final = summary["phases"][summary.get("final_phase") or list(summary["phases"])[-1]]
+    validation = {k: final.get(k, float("nan")) for k in ("AP", "AP50", "AP75")}
     height, width = image_bgr.shape[:2]
     crowns = len(gt["annotations"])
     train_tiles = training_tiles(args.source)

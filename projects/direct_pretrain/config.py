@@ -138,6 +138,11 @@ def add_direct_pretrain_config(cfg: CN) -> None:
     # phase key the config does not set is planned from the data and a short calibration
     # (:mod:`direct_pretrain.planning`, OUTPUT_DIR/plan.yaml). 0 plans nothing.
     node.BUDGET_MINUTES = 0.0
+    # Fraction of the training images held out of every phase's training as a validation
+    # slice on which the run's final model is chosen among its detector phases; 0: none.
+    node.VAL_SLICE = 0.1
+    # At most this many images in the validation slice.
+    node.VAL_SLICE_MAX_IMAGES = 50
 
     node.BRIDGE = CN()
     # Re-initialise class-specific predictor layers when the class count differs

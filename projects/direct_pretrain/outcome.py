@@ -62,26 +62,37 @@ def ap_text(record: dict) -> str:
     return "box AP nan" if bbox["AP"] is None else f"box AP {bbox['AP']:.1f}"
 
 
-def worse_than_earlier(phases: dict, test_names: list[str]) -> list[str]:
-    """A warning (logged, and kept in the summary) when the last phase ends below an earlier
-    phase's box AP on the test sets: the run's final model is then not its best one.
+def worse_than_earlier(phases: dict, test_names: list[str], final: str | None = None) -> list[str]:
+    """A warning (logged, and kept in the summary) when the phase ``final`` (whose model is the
+    run's; default the last) ends below another phase's box AP on the test sets: the run's
+    final model is then not its best one there.
 
     Both were evaluated on the same test sets, each at its own phase's test size; choosing the
-    final model by them would select on the test data, so the run keeps the last phase's model
-    and says where the better one is.
+    final model by them would select on the test data, so the run keeps its final model (the
+    last phase's, or the one the validation slice chose) and says where the better one is.
     """
     scored = {name: rec["AP"] for name, rec in phases.items() if rec.get("AP") is not None}
     last = list(phases)[-1] if phases else None
-    if last not in scored:
+    final = final or last
+    if final not in scored:
         return []
     best = max(scored, key=scored.get)
-    if scored[best] <= scored[last]:
+    if scored[best] <= scored[final]:
         return []
+    if final == last:
+        which = f"The last phase, {last},"
+        hint = f"Check {last}'s settings (its size, LR and length) before trusting it."
+    else:
+        which = f"Phase {final}, chosen on the validation slice,"
+        hint = (
+            "The validation slice and the test sets disagree: a small slice judges noisily "
+            "(DIRECT_PRETRAIN.VAL_SLICE, VAL_SLICE_MAX_IMAGES)."
+        )
     message = (
-        f"The last phase, {last}, ends below phase {best} on {', '.join(test_names)}: box AP "
-        f"{scored[last]:.1f} against {scored[best]:.1f}. model_final.pth is the {last} model; the "
-        f"{best} model is {best.lower()}/model_final.pth (predict.py --run OUTPUT_DIR --phase "
-        f"{best}). Check {last}'s settings (its size, LR and length) before trusting it."
+        f"{which} ends below phase {best} on {', '.join(test_names)}: box AP "
+        f"{scored[final]:.1f} against {scored[best]:.1f}. model_final.pth is the {final} model; "
+        f"the {best} model is {best.lower()}/model_final.pth (predict.py --run OUTPUT_DIR "
+        f"--phase {best}). {hint}"
     )
     logger.warning(message)
     return [message]

@@ -8,7 +8,9 @@ with a config or data that would change its result is refused, naming the keys o
 Every phase says in the log whether it is skipped, started, resumed or bridged. At the end it
 writes ``summary.json`` (per phase: box AP, AP50, AP75, per object size and per class), matches
 the final evaluation's detections to the test set (:mod:`.results`) to save the F1-best score
-threshold for prediction, writes the report and logs the AP table. Works the same
+threshold for prediction, writes the report and logs the AP table. The run's final model is the
+last phase's unless an earlier detector phase scores higher on a validation slice held out of
+the training set (:mod:`.final_choice`). Works the same
 for yacs and LazyConfig configs (:mod:`.config_systems`) and with any number of processes (only the
 main process writes files; the others wait for it). Each phase's settings come from
 :func:`direct_pretrain.phases.resolve_phase`, through the config system.
@@ -44,6 +46,7 @@ from .config_systems import system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
+from .final_choice import choose_final_phase, hold_out_val_slice
 from .outcome import (
     ap_text,
     phase_results,
@@ -94,7 +97,14 @@ from .utils.io import (
 )
 from .utils.rng import derived_seed
 
-__all__ = ["PhaseStateError", "evaluate_weights", "plan_run", "prepare_config", "run_pipeline"]
+__all__ = [
+    "PhaseStateError",
+    "evaluate_weights",
+    "plan_run",
+    "prepare_config",
+    "prepare_run",
+    "run_pipeline",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,22 +118,18 @@ class PhaseStateError(RuntimeError):
     """A phase folder holds a run that this config cannot continue."""
 
 
-def prepare_config(cfg, eval_only: bool = False, user_keys: dict | None = None):
+def prepare_config(cfg, eval_only: bool = False):
     """Register datasets and check the config before anything runs; warn about training images
-    left out for having no usable annotations; plan the run if it has a budget; describe the
-    data against the phases and anchors; resolve pixel statistics.
+    left out for having no usable annotations; describe the data against the phases and
+    anchors (a budgeted run does it once planned: :func:`prepare_run`); resolve pixel
+    statistics.
 
     Args:
         cfg: the pipeline config.
-        eval_only: only the test sets are needed (no training set, no plan, no pixel
-            statistics).
-        user_keys: ``{key: where}`` of the keys the user set, which a plan keeps
-            (:func:`direct_pretrain.config_systems.user_set_keys`); by default the
-            ``DIRECT_PRETRAIN`` keys that differ from their defaults.
+        eval_only: only the test sets are needed (no training set, no pixel statistics).
 
     Returns:
-        The config, with the plan's values written in (``DIRECT_PRETRAIN.BUDGET_MINUTES`` >
-        0) and the model's pixel mean/std computed from the training set if
+        The config, with the model's pixel mean/std computed from the training set if
         ``DIRECT_PRETRAIN.PIXEL_STATS`` is "dataset", and the number of training images.
     """
     system = system_of(cfg)
@@ -156,18 +162,8 @@ def prepare_config(cfg, eval_only: bool = False, user_keys: dict | None = None):
     dicts = system.train_dicts(cfg)
     if comm.is_main_process():
         warn_left_out_images(train_names, len(dicts), system.keep_empty_override)
-    if node.BUDGET_MINUTES > 0:
-        user = default_user_keys(cfg) if user_keys is None else user_keys
-        digests = dataset_fingerprints(train_names)
-        cfg, _ = build_on_main(
-            lambda: planned_config(system, cfg, dicts, user, digests), "planning the run"
-        )
-    if comm.is_main_process():
-        phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
-        classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
-        fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
-        describe_data(dicts, phases, classes, fingerprint)
-        describe_anchors(system, cfg, dicts, system.output_dir(cfg))
+    if comm.is_main_process() and not _budget(cfg):
+        _describe(system, cfg, dicts)
     if node.PIXEL_STATS == "dataset":
         mean, std = build_on_main(
             lambda: dataset_pixel_stats(
@@ -427,18 +423,17 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
 
     Finished phases are skipped, an interrupted one resumes. Each phase whose INIT is
     "previous" starts from the previous phase's final model through the bridge. With a
-    budget, the run is planned first (``user_keys``: see :func:`prepare_config`).
+    budget, the run is planned first (``user_keys``: see :func:`prepare_run`). The run's
+    ``model_final.pth`` is the final model of the phase the validation slice chooses.
     """
     start = time.perf_counter()
     system = system_of(cfg)
     phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
     check_weights_used(phases, system.weights_key, system.weights(cfg))
-    cfg, num_images = prepare_config(cfg, user_keys=user_keys)
+    cfg, num_images, val_slice = prepare_run(cfg, user_keys)
     fingerprints = dataset_fingerprints(system.dataset_names(cfg))
-    if comm.is_main_process():
-        system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), PIPELINE_CONFIG_FILE))
     summary = {"output_dir": system.output_dir(cfg), "device": None, "phases": {}}
-    records = {}
+    records, ran = {}, {}
     plan = read_plan(os.path.join(system.output_dir(cfg), PLAN_FILE)) if _budget(cfg) else None
     for name in active_phases(cfg):
         if plan is not None:
@@ -472,7 +467,7 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
             if from_previous:
                 _bridge_into(system, cfg, phase, pcfg, num_images)
             record = _run_phase(system, phase, pcfg, fingerprints)
-        final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
+        ran[name] = (phase, pcfg)
         records[name] = record
         summary["phases"][name] = {
             **phase_results(record),
@@ -481,7 +476,14 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
             "iterations": record["iterations"],
             "ims_per_batch": record["ims_per_batch"],
         }
-    summary["warnings"] = worse_than_earlier(summary["phases"], system.split_names(cfg)[1])
+    choice = choose_final_phase(system, cfg, list(ran), val_slice)
+    name, (phase, pcfg) = choice.phase, ran[choice.phase]
+    final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
+    summary["final_phase"], summary["val_slice"] = name, choice.val_slice
+    summary["warnings"] = [
+        *worse_than_earlier(summary["phases"], system.split_names(cfg)[1], name),
+        *choice.warnings,
+    ]
     if plan is not None:
         summary["budget"] = _budget_used(plan, summary["phases"])
     summary["final_model"] = os.path.join(system.output_dir(cfg), "model_final.pth")
@@ -552,10 +554,53 @@ def _budget_used(plan: dict, phases: dict) -> dict:
     return budget
 
 
+def _describe(system: ConfigSystem, cfg, dicts: list[dict]) -> None:
+    """The training set against each phase's sizes and the anchors (``fingerprint.json``,
+    ``report/box_sizes.png``), logged."""
+    train_names = system.split_names(cfg)[0]
+    phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
+    classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
+    fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
+    describe_data(dicts, phases, classes, fingerprint)
+    describe_anchors(system, cfg, dicts, system.output_dir(cfg))
+
+
+def prepare_run(cfg, user_keys: dict | None = None):
+    """Everything before the first phase: :func:`prepare_config`, ``config.yaml``, the
+    validation slice held out of training, and with ``DIRECT_PRETRAIN.BUDGET_MINUTES`` the
+    plan (made on the training set without the slice, on the main process; the others read
+    it).
+
+    Args:
+        cfg: the pipeline config.
+        user_keys: ``{key: where}`` of the keys the user set, which a plan keeps
+            (:func:`direct_pretrain.config_systems.user_set_keys`); by default the
+            ``DIRECT_PRETRAIN`` keys that differ from their defaults.
+
+    Returns:
+        The config to run, its number of training images and the validation slice.
+    """
+    system = system_of(cfg)
+    cfg, num_images = prepare_config(cfg)
+    if comm.is_main_process():
+        system.save_pipeline(cfg, os.path.join(system.output_dir(cfg), PIPELINE_CONFIG_FILE))
+    cfg, num_images, val_slice = hold_out_val_slice(system, cfg, num_images)
+    if _budget(cfg):
+        user = default_user_keys(cfg) if user_keys is None else user_keys
+        dicts = system.train_dicts(cfg)
+        digests = dataset_fingerprints(system.split_names(cfg)[0])
+        cfg, _ = build_on_main(
+            lambda: planned_config(system, cfg, dicts, user, digests), "planning the run"
+        )
+        if comm.is_main_process():
+            _describe(system, cfg, dicts)
+    return cfg, num_images, val_slice
+
+
 def plan_run(cfg, user_keys: dict | None = None) -> dict | None:
     """``train_net.py --plan-only``: fingerprint the data, make (or reuse) and log the plan,
     write ``OUTPUT_DIR/plan.yaml``; train nothing. Returns the plan (None without a budget)."""
-    prepare_config(cfg, user_keys=user_keys)
+    prepare_run(cfg, user_keys)
     if not _budget(cfg):
         logger.warning(
             "DIRECT_PRETRAIN.BUDGET_MINUTES is 0: nothing is planned (the data view above is "

@@ -1,5 +1,5 @@
 """A small report of a pipeline run: AP tables, loss curves, AP vs time, precision-recall and
-F1 curves, example detections.
+F1 curves, example detections, and which phase's model is the run's final one.
 
 Written to ``OUTPUT_DIR/report/`` by the pipeline (main process) after the last phase.
 """
@@ -27,6 +27,7 @@ __all__ = [
     "ap_table",
     "budget_table",
     "draw_examples",
+    "final_model_text",
     "plot_ap_vs_time",
     "plot_losses",
     "plot_pr_f1",
@@ -47,7 +48,7 @@ def _ap(value: Any) -> str:
 
 def ap_table(summary: dict) -> str:
     """The summary's per-phase box AP (all objects and per object size) as a Markdown table,
-    then the last phase's AP per class (datasets of more than one class)."""
+    then the final model's phase's AP per class (datasets of more than one class)."""
     lines = [
         "| phase | iterations x batch | box AP | AP50 | AP75 | APs | APm | APl | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -58,12 +59,14 @@ def ap_table(summary: dict) -> str:
             f"| {phase} | {rec['iterations']} x {rec['ims_per_batch']} | {ap} | "
             f"{rec['wall_seconds']:.0f} |"
         )
-    last = list(summary["phases"])[-1] if summary["phases"] else None
-    per_class = summary["phases"][last].get("per_class") if last else None
+    final = summary.get("final_phase") or (
+        list(summary["phases"])[-1] if summary["phases"] else None
+    )
+    per_class = summary["phases"][final].get("per_class") if final else None
     if per_class:
         lines += [
             "",
-            f"Per class ({last}):",
+            f"Per class ({final}):",
             "",
             "| class | AP | AP50 | AP75 |",
             "|---|---|---|---|",
@@ -71,6 +74,30 @@ def ap_table(summary: dict) -> str:
         for name, rec in per_class.items():
             lines.append(f"| {name} | {' | '.join(_ap(rec.get(k)) for k in AP_KEYS)} |")
     return "\n".join(lines) + "\n"
+
+
+def final_model_text(summary: dict) -> str:
+    """Which phase's model is the run's final one and why (the validation slice's scores)."""
+    phases = list(summary.get("phases") or {})
+    if not phases:
+        return ""
+    final = summary.get("final_phase") or phases[-1]
+    held = summary.get("val_slice")
+    if not held:
+        return f"Final model: {final}'s, the last phase's (no validation slice)."
+    where = (
+        f"validation slice ({held['images']} of {held['of']} training images of "
+        f"{', '.join(held['from'])}, held out of training)"
+    )
+    scores = ", ".join(f"{p} {_ap(ap)}" for p, ap in held["box_ap"].items())
+    if not scores:
+        return f"Final model: {final}'s, the last phase's (one detector phase, nothing to choose)."
+    if final == phases[-1]:
+        return f"Final model: {final}'s, the last phase's. Box AP on the {where}: {scores}."
+    return (
+        f"**Final model: {final}'s, not the last phase's**: it scores higher on the {where}: "
+        f"box AP {scores}. Both models are kept in their phase folders."
+    )
 
 
 def _metrics(folder: Path) -> list[dict]:
@@ -253,6 +280,7 @@ def write_index(folder: str | Path, summary: dict) -> Path:
     (Markdown viewers show the images); written last, so it lists what exists."""
     folder = Path(folder)
     lines = [f"# Run {summary.get('output_dir', folder.parent)}", "", ap_table(summary)]
+    lines += [final_model_text(summary), ""]
     for warning in summary.get("warnings") or []:
         lines += [f"> **Warning.** {warning}", ""]
     if summary.get("budget"):

@@ -6,7 +6,11 @@ starts), one folder per phase (``<phase>/phase_done.json`` once the phase has fi
 written when a run ends), and for prediction ``config_predict.yaml`` (a plain Detectron2
 config of the final model), ``classes.json`` (class names and dataset category ids) and
 ``predict_threshold.json`` (the final model's F1-best score threshold on the test set), so that
-prediction needs neither the training set nor a registered dataset.
+prediction needs neither the training set nor a registered dataset. With a validation slice
+(``DIRECT_PRETRAIN.VAL_SLICE``), ``val_slice_coco.json`` lists its images and boxes, and each
+detector phase folder holds its final model's evaluation on it (``val_slice_eval.json``,
+``val_slice/``); ``model_final.pth`` is then the final model of the phase ``summary.json`` names
+in ``final_phase``.
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ __all__ = [
     "PREDICT_CONFIG_FILE",
     "PREDICT_THRESHOLD_FILE",
     "SUMMARY_FILE",
+    "VAL_SLICE_DIR",
+    "VAL_SLICE_EVAL_FILE",
+    "VAL_SLICE_JSON",
     "ClassInfo",
     "class_info",
+    "ended_phase",
     "export_for_prediction",
     "final_model_phase",
     "last_checkpoint_text",
@@ -72,6 +80,11 @@ FINAL_MODEL = "model_final.pth"
 PREDICT_CONFIG_FILE = "config_predict.yaml"
 CLASSES_FILE = "classes.json"
 PREDICT_THRESHOLD_FILE = "predict_threshold.json"
+VAL_SLICE_JSON = "val_slice_coco.json"  # the validation slice's images and boxes (COCO)
+# In a detector phase folder: its final model's results on the validation slice, and the
+# folder of that evaluation (its inference/).
+VAL_SLICE_EVAL_FILE = "val_slice_eval.json"
+VAL_SLICE_DIR = "val_slice"
 # In a phase folder's inference/: the detections of its last evaluation (Detectron2's name).
 DETECTIONS_FILE = "coco_instances_results.json"
 # Project keys a model needs at inference, by what selects them (others are training-only).
@@ -183,18 +196,29 @@ def last_phase_config(run: Path) -> Path:
         raise FileNotFoundError(
             f"{summary} not found: '{run}' is not a finished run of train_net.py"
         )
-    phases = list(json.loads(summary.read_text()).get("phases", {}))
-    if not phases:
+    phase = final_model_phase(run)
+    if phase is None:
         raise ValueError(f"{summary} lists no phase")
-    return run / phases[-1].lower() / PHASE_CONFIG_FILE
+    return run / phase.lower() / PHASE_CONFIG_FILE
+
+
+def _summary(run: Path) -> dict:
+    summary = run / SUMMARY_FILE
+    return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def ended_phase(run: Path) -> str | None:
+    """The last phase of the run that wrote ``run/model_final.pth``: the last one
+    ``summary.json`` (written after it) lists; None without a summary."""
+    phases = list(_summary(run).get("phases", {}))
+    return phases[-1] if phases else None
 
 
 def final_model_phase(run: Path) -> str | None:
-    """The phase whose final model ``run/model_final.pth`` is: the last one ``summary.json``
-    (written after it) lists; None without a summary."""
-    summary = run / SUMMARY_FILE
-    phases = list(json.loads(summary.read_text()).get("phases", {})) if summary.is_file() else []
-    return phases[-1] if phases else None
+    """The phase whose final model ``run/model_final.pth`` is: ``summary.json``'s
+    ``final_phase`` (chosen on the validation slice), else the last phase it lists; None
+    without a summary."""
+    return _summary(run).get("final_phase") or ended_phase(run)
 
 
 class _TolerantLoader(yaml.SafeLoader):
@@ -220,7 +244,7 @@ def run_last_phase(run: Path) -> str | None:
     From its ``config.yaml`` (``DIRECT_PRETRAIN.PHASE`` if set, else the last of
     ``DIRECT_PRETRAIN.PIPELINE``); where that file does not say, a phase folder with a
     checkpoint newer than ``model_final.pth`` and no ``phase_done.json`` (an unfinished later
-    attempt), else the phase of ``model_final.pth``.
+    attempt), else the last phase of the run that wrote ``model_final.pth``.
     """
     node = _pipeline_node(run / PIPELINE_CONFIG_FILE)
     if node.get("PHASE") or node.get("PIPELINE"):
@@ -230,7 +254,7 @@ def run_last_phase(run: Path) -> str | None:
     for checkpoint in sorted(run.glob("*/last_checkpoint")):
         if read_done(checkpoint.parent) is None and checkpoint.stat().st_mtime > built:
             return checkpoint.parent.name.upper()
-    return final_model_phase(run)
+    return ended_phase(run)
 
 
 def last_checkpoint_text(folder: Path) -> str:

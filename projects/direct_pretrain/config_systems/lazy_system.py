@@ -310,6 +310,19 @@ class LazySystem(ConfigSystem):
             _as_list(cfg.dataloader.test.dataset.names),
         )
 
+    def with_train_names(self, cfg, names):
+        cfg = copy.deepcopy(cfg)
+        cfg.dataloader.train.dataset.names = list(names)
+        return cfg
+
+    def for_evaluation(self, pcfg, dataset, output_dir):
+        pcfg = copy.deepcopy(pcfg)
+        pcfg.dataloader.test.dataset.names = dataset
+        pcfg.dataloader.evaluator.dataset_name = dataset
+        pcfg.dataloader.evaluator.output_dir = os.path.join(output_dir, "inference")
+        pcfg.train.output_dir = output_dir
+        return pcfg
+
     def save_pipeline(self, cfg, path):
         LazyConfig.save(cfg, path)
 

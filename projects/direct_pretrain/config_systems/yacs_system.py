@@ -197,6 +197,16 @@ class YacsSystem(ConfigSystem):
     def split_names(self, cfg):
         return list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
 
+    def with_train_names(self, cfg, names):
+        return _with(cfg, lambda c: c.DATASETS.__setattr__("TRAIN", tuple(names)))
+
+    def for_evaluation(self, pcfg, dataset, output_dir):
+        def point(c):
+            c.DATASETS.TEST = (dataset,)
+            c.OUTPUT_DIR = output_dir
+
+        return _with(pcfg, point)
+
     def save_pipeline(self, cfg, path):
         tree = yaml.safe_load(cfg.dump())
         for key in PHASE_CONTROLLED_KEYS:

@@ -19,6 +19,7 @@ from ..run_folder import (
     FINAL_MODEL,
     PHASE_CONFIG_FILE,
     PREDICT_CONFIG_FILE,
+    ended_phase,
     final_model_phase,
     last_checkpoint_text,
     last_phase_config,
@@ -52,9 +53,10 @@ def load_run(
 ):
     """The inference config of a finished run, with its weights ``run_dir/model_final.pth``.
 
-    Reads the run's ``config_predict.yaml`` (or, for runs without it, the last phase's
-    ``phase_config.yaml``): the final model, its pixel mean/std as trained and the last phase's
-    test size. ``DefaultPredictor(load_run(run_dir))`` predicts with it.
+    Reads the run's ``config_predict.yaml`` (or, for runs without it, the ``phase_config.yaml``
+    of the phase whose final model it is, :func:`final_model_phase`): the final model, its pixel
+    mean/std as trained and that phase's test size. ``DefaultPredictor(load_run(run_dir))``
+    predicts with it.
 
     Args:
         run_dir: the run's ``OUTPUT_DIR``.
@@ -108,7 +110,7 @@ def _check_last_phase(run: Path) -> None:
     folder = run / last.lower()
     done = read_done(folder) is not None
     # A finished run's phase folders may have been deleted to save space.
-    if last == built and (done or not folder.is_dir()):
+    if last == ended_phase(run) and (done or not folder.is_dir()):
         return
     state = (
         "has finished, but the run stopped before writing its final model"

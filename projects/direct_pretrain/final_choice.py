@@ -1,0 +1,230 @@
+"""Never end worse: the run's final model is chosen among its detector phases on a validation
+slice carved from the training set, never on the test sets.
+
+:func:`hold_out_val_slice` carves the slice (:mod:`.data.val_slice`) and trains every phase
+without it; :func:`choose_final_phase` evaluates each detector phase's final model on it, with
+that phase's own test settings (:func:`evaluate_on_slice`, cached in the phase folder), and keeps
+the last phase unless an earlier one scores a higher box AP there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from detectron2.utils import comm
+
+from .bridge import load_weights_strictly
+from .checkpoint import checksum_path
+from .config_systems import ConfigSystem
+from .data.val_slice import (
+    MIN_TRAIN_IMAGES,
+    ValSlice,
+    carve_val_slice,
+    slice_of,
+    write_slice_json,
+)
+from .engine import evaluate
+from .phase_kinds import phase_kind
+from .run_folder import FINAL_MODEL, VAL_SLICE_DIR, VAL_SLICE_EVAL_FILE, VAL_SLICE_JSON
+from .utils.dist import build_on_main
+from .utils.io import atomic_write_json, file_signature
+
+__all__ = ["FinalChoice", "choose_final_phase", "evaluate_on_slice", "hold_out_val_slice"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalChoice:
+    """The phase whose final model is the run's, and what ``summary.json`` records of it."""
+
+    phase: str
+    val_slice: dict | None  # the slice, each phase's box AP on it and the evaluation seconds
+    warnings: list[str]
+
+
+def hold_out_val_slice(
+    system: ConfigSystem, cfg, num_images: int
+) -> tuple[Any, int, ValSlice | None]:
+    """Carve the validation slice out of the training set (``DIRECT_PRETRAIN.VAL_SLICE``),
+    register it in this process (call it in every process) and write its COCO json.
+
+    Returns:
+        The config training on the datasets without the slice, their number of images, and
+        the slice; ``cfg``, ``num_images`` and None where there is none (said in the log).
+    """
+    node = cfg.DIRECT_PRETRAIN
+    fraction, max_images = float(node.VAL_SLICE), int(node.VAL_SLICE_MAX_IMAGES)
+    if not 0 <= fraction < 1 or max_images < 0:
+        raise ValueError(
+            f"DIRECT_PRETRAIN.VAL_SLICE = {fraction} must be in [0, 1) and VAL_SLICE_MAX_IMAGES "
+            f"= {max_images} at least 0 (either 0: no validation slice)"
+        )
+    if fraction == 0 or max_images == 0:
+        logger.info(
+            "No validation slice (DIRECT_PRETRAIN.VAL_SLICE %g, VAL_SLICE_MAX_IMAGES %d): the "
+            "run's final model is its last phase's.",
+            fraction,
+            max_images,
+        )
+        return cfg, num_images, None
+    if num_images < MIN_TRAIN_IMAGES:
+        logger.info(
+            "No validation slice: the training set has %d images, fewer than %d; the run's "
+            "final model is its last phase's.",
+            num_images,
+            MIN_TRAIN_IMAGES,
+        )
+        return cfg, num_images, None
+    train_names = system.split_names(cfg)[0]
+    json_file = os.path.join(system.output_dir(cfg), VAL_SLICE_JSON)
+    dicts = system.train_dicts(cfg)
+    val_slice = carve_val_slice(train_names, dicts, fraction, max_images, json_file)
+    build_on_main(
+        lambda: write_slice_json(val_slice), "writing the validation slice", others_too=False
+    )
+    logger.info(
+        "Validation slice: %d of %d training images held out (from %s) to choose the final "
+        "model; DIRECT_PRETRAIN.VAL_SLICE 0 turns it off.",
+        val_slice.images,
+        val_slice.total,
+        ", ".join(train_names),
+    )
+    reduced = system.with_train_names(cfg, list(val_slice.train_names))
+    return reduced, num_images - val_slice.images, val_slice
+
+
+def evaluate_on_slice(
+    system: ConfigSystem,
+    cfg,
+    phase_name: str,
+    weights: str,
+    min_size_test: int | None = None,
+    max_size_test: int | None = None,
+) -> dict:
+    """COCO results of ``weights`` on the validation slice held out of ``cfg``'s training set,
+    with phase ``phase_name``'s test settings (its test size unless given).
+
+    The evaluation writes into ``<phase folder>/val_slice/`` (``val_slice_<min>x<max>/`` at
+    another test size). Call it in every process; the results are the main process's.
+    """
+    name = slice_of(system.split_names(cfg)[0])
+    if name is None:
+        raise ValueError("the config's training set has no validation slice held out of it")
+    phase = system.resolve(cfg, phase_name)
+    own = (phase.MIN_SIZE_TEST, phase.MAX_SIZE_TEST)
+    size = (min_size_test or own[0], max_size_test or own[1])
+    phase = dataclasses.replace(phase, MIN_SIZE_TEST=size[0], MAX_SIZE_TEST=size[1])
+    pcfg = system.phase_config(cfg, phase, 1)  # the schedule does not change an evaluation
+    folder = VAL_SLICE_DIR if size == own else f"{VAL_SLICE_DIR}_{size[0]}x{size[1]}"
+    pcfg = system.for_evaluation(pcfg, name, os.path.join(system.output_dir(pcfg), folder))
+    model = system.build_model(pcfg)
+    load_weights_strictly(model, weights)
+    return evaluate(pcfg, model)
+
+
+def _model_key(weights: str) -> str:
+    """What identifies the final model ``weights``: its recorded checksum, else size|mtime."""
+    record = checksum_path(weights)
+    return record.read_text().split()[0] if record.is_file() else file_signature(weights)
+
+
+def _box_ap(results: dict) -> float | None:
+    ap = (results.get("bbox") or {}).get("AP")
+    return ap if isinstance(ap, (int, float)) and math.isfinite(ap) else None
+
+
+def _slice_record(system: ConfigSystem, cfg, name: str, val_slice: ValSlice) -> tuple[dict, bool]:
+    """Phase ``name``'s final model evaluated on the slice, from ``val_slice_eval.json`` in its
+    folder where that holds this model on this slice (and whether it did), else evaluated
+    now and saved there (atomically: an interrupted evaluation is redone)."""
+    phase = system.resolve(cfg, name)
+    folder = Path(system.output_dir(cfg)) / phase.folder
+    weights = str(folder / FINAL_MODEL)
+    key = {
+        "dataset": val_slice.name,
+        "model": _model_key(weights),
+        "min_size_test": phase.MIN_SIZE_TEST,
+        "max_size_test": phase.MAX_SIZE_TEST,
+    }
+    cached = None
+    if comm.is_main_process() and (folder / VAL_SLICE_EVAL_FILE).is_file():
+        saved = json.loads((folder / VAL_SLICE_EVAL_FILE).read_text())
+        cached = saved if {k: saved.get(k) for k in key} == key else None
+    cached = comm.all_gather(cached)[0]
+    if cached is not None:
+        return cached, True
+    start = time.perf_counter()
+    results = evaluate_on_slice(system, cfg, name, weights)
+    record = {**key, "results": results, "seconds": round(time.perf_counter() - start, 1)}
+    record = comm.all_gather(record)[0]  # the main process's results
+    if comm.is_main_process():
+        atomic_write_json(folder / VAL_SLICE_EVAL_FILE, record)
+    comm.synchronize()
+    return record, False
+
+
+def _ap_text(ap: float | None) -> str:
+    return "nan" if ap is None else f"{ap:.1f}"
+
+
+def choose_final_phase(
+    system: ConfigSystem, cfg, names: list[str], val_slice: ValSlice | None
+) -> FinalChoice:
+    """The phase among ``names`` (the run's, in order, all finished) whose final model is the
+    run's: the last one, unless an earlier detector phase scores a higher box AP on the
+    validation slice (said loudly in the log and in the warnings). Call it in every process.
+
+    ``cfg`` is the pipeline config training without the slice (:func:`hold_out_val_slice`).
+    Without a slice, or with fewer than two detector phases ending in the last one, nothing is
+    evaluated and the last phase's model is the run's.
+    """
+    last = names[-1]
+    if val_slice is None:
+        return FinalChoice(last, None, [])
+    record = {
+        "dataset": val_slice.name,
+        "images": val_slice.images,
+        "of": val_slice.total,
+        "from": list(val_slice.sources),
+        "file": VAL_SLICE_JSON,
+        "box_ap": {},
+        "eval_seconds": {},
+        "reused": [],
+    }
+    detectors = [n for n in names if phase_kind(n).evaluates]
+    if last not in detectors or len(detectors) < 2:
+        return FinalChoice(last, record, [])
+    for name in detectors:
+        result, reused = _slice_record(system, cfg, name, val_slice)
+        record["box_ap"][name] = _box_ap(result["results"])
+        record["eval_seconds"][name] = result["seconds"]
+        if reused:
+            record["reused"].append(name)
+        logger.info(
+            "Phase %s on the validation slice (%d images): box AP %s (%s, %.1f s)",
+            name,
+            val_slice.images,
+            _ap_text(record["box_ap"][name]),
+            "saved earlier" if reused else "evaluated now",
+            result["seconds"],
+        )
+    scores = record["box_ap"]
+    earlier = [n for n in detectors[:-1] if scores[n] is not None]
+    best = max(earlier, key=scores.get, default=None)
+    if best is None or (scores[last] is not None and scores[last] >= scores[best]):
+        return FinalChoice(last, record, [])
+    message = (
+        f"Phase {last} ends below phase {best} on the validation slice (AP "
+        f"{_ap_text(scores[last])} vs {_ap_text(scores[best])}): the run's final model is "
+        f"{best}'s (both kept in their folders)"
+    )
+    logger.warning(message)
+    return FinalChoice(best, record, [message])
