@@ -21,7 +21,7 @@ from .plan import (
     replan_after,
     write_plan,
 )
-from .rules import DataFigures, anchor_recall, recall_text
+from .rules import DataFigures, anchor_recall, per_level, recall_text
 
 __all__ = [
     "PLAN_FILE",
@@ -124,8 +124,8 @@ def describe_anchors(system: ConfigSystem, cfg, dicts: list[dict], output_dir: s
     return recall
 
 
-def _value(cfg, dotted: str):
+def _value(cfg, dotted: str) -> list[list[float]]:
     node = cfg
     for part in dotted.split("."):
         node = node[part]
-    return [[float(x) for x in level] for level in node]
+    return [[float(x) for x in level] for level in per_level(node)]

@@ -28,6 +28,7 @@ __all__ = [
     "finetune_scale",
     "finetune_sizes",
     "pretrain_scale",
+    "per_level",
     "pretrain_sizes",
     "roi_batch",
     "schedule_split",
@@ -223,7 +224,7 @@ def _device(device: str) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def _nested(values) -> list[list[float]]:
+def per_level(values) -> list[list[float]]:
     """Detectron2's anchor sizes or ratios: one list per level, or one list for all levels."""
     values = list(values)
     return [list(v) for v in values] if values and hasattr(values[0], "__len__") else [values]
@@ -231,7 +232,7 @@ def _nested(values) -> list[list[float]]:
 
 def _anchor_shapes(sizes, ratios) -> np.ndarray:
     """(width, height) of every anchor of every level."""
-    sizes, ratios = _nested(sizes), _nested(ratios) if len(ratios) else []
+    sizes, ratios = per_level(sizes), per_level(ratios) if len(ratios) else []
     shapes = []
     for level, level_sizes in enumerate(sizes):
         level_ratios = ratios[min(level, len(ratios) - 1)] if ratios else DEFAULT_RATIOS
