@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 DEMO_CONFIG ?= configs/trees/faster_rcnn_R_18_FPN_direct.yaml
 DEMO_OUTPUT ?= output/demo
+# The demo's training minutes on 2 CPU cores: the plan keeps every value the demo config sets
+# (marked "yours"), times both phases and reports the budget against the time used.
+DEMO_BUDGET ?= 17
 
 .PHONY: setup demo test clean
 
@@ -22,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
 	touch $(STAMP)
 
 demo: setup
-	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) train_net.py --config-file $(DEMO_CONFIG) DIRECT_PRETRAIN.BUDGET_MINUTES $(DEMO_BUDGET) OUTPUT_DIR $(DEMO_OUTPUT)
 	# predict.py on one whole 2299x2472 orthophoto (tiled); its AP goes into the report.
 	$(PY) tools/whole_image_demo.py --run $(DEMO_OUTPUT)
 

@@ -60,15 +60,20 @@ def write_synthetic_coco(
     return json_file
 
 
-@pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """``{"train"|"val": (json_file, image_root)}`` of a tiny synthetic dataset."""
-    root = tmp_path_factory.mktemp("synthetic")
+def synthetic_splits(root: Path, train_images: int, train_seed: int) -> dict[str, tuple[str, str]]:
+    """``{"train"|"val": (json_file, image_root)}``: ``train_images`` 64-px training images and
+    3 test images under ``root``."""
     out = {}
-    for split, count, seed in (("train", 8, 0), ("val", 3, 1)):
+    for split, count, seed in (("train", train_images, train_seed), ("val", 3, 1)):
         json_file = write_synthetic_coco(root / split, count, 64, seed)
         out[split] = (str(json_file), str(root / split / "images"))
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """A tiny synthetic dataset: 8 training images, 3 test images."""
+    return synthetic_splits(tmp_path_factory.mktemp("synthetic"), 8, 0)
 
 
 def tiny_cfg(synthetic_data, output_dir: Path, cache_dir: Path | None = None):

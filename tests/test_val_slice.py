@@ -20,18 +20,13 @@ from direct_pretrain.outcome import worse_than_earlier
 from direct_pretrain.pipeline import prepare_config, run_pipeline
 from direct_pretrain.predict import load_run
 
-from conftest import ROOT, shrink, tiny_cfg, write_synthetic_coco
+from conftest import ROOT, shrink, synthetic_splits, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def data24(tmp_path_factory) -> dict[str, tuple[str, str]]:
     """A synthetic training set of 24 images (enough for a slice) and a test set of 3."""
-    root = tmp_path_factory.mktemp("data24")
-    out = {}
-    for split, count, seed in (("train", 24, 2), ("val", 3, 1)):
-        json_file = write_synthetic_coco(root / split, count, 64, seed)
-        out[split] = (str(json_file), str(root / split / "images"))
-    return out
+    return synthetic_splits(tmp_path_factory.mktemp("data24"), 24, 2)
 
 
 def test_slice_sizes():
