@@ -162,13 +162,25 @@ def test_values_you_set_are_kept_and_marked_yours(caplog):
     assert rows["DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN"]["value"] == [256]
     assert tuple(planned.DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TRAIN) == (256,)
     # the rest of that group stays the config's, marked as kept with your key
-    assert "kept with MIN_SIZE_TRAIN" in rows["DIRECT_PRETRAIN.FINETUNE.MAX_SIZE_TRAIN"]["rule"]
+    kept = rows["DIRECT_PRETRAIN.FINETUNE.MAX_SIZE_TRAIN"]
+    assert kept["by"] == "kept" and "kept with MIN_SIZE_TRAIN" in kept["rule"]
+    assert "DIRECT_PRETRAIN.FINETUNE.SCALE" not in rows  # a shortest-edge phase ignores it
     assert planned.DIRECT_PRETRAIN.PRETRAIN.EPOCHS == 24.0
     assert rows["DIRECT_PRETRAIN.PRETRAIN.EPOCHS"]["by"] == "yours"
     anchors = rows["MODEL.ANCHOR_GENERATOR.SIZES"]
     assert anchors["by"] == "yours" and "matches only" in anchors["warning"]
     # planned keys the user did not set
     assert rows["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]["by"] == "plan"
+
+
+def test_lengths_you_set_beyond_the_budget_are_warned(caplog):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(DEMO))
+    cfg.MODEL.DEVICE = "cpu"
+    user = {f"DIRECT_PRETRAIN.{p}.EPOCHS": "demo.yaml" for p in ("PRETRAIN", "FINETUNE")}
+    plan, _ = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, user=user, budget=1.0)
+    warnings = [c["warning"] for c in plan["choices"] if c.get("warning")]
+    assert any("PRETRAIN, FINETUNE) take" in w and "of the 1.0 minutes" in w for w in warnings)
 
 
 def test_a_pipeline_the_planner_does_not_know_is_refused():

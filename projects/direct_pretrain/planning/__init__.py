@@ -89,6 +89,9 @@ def planned_config(
         plan = make_plan(system, cfg, dicts, user, inputs, **kwargs)
         write_plan(path, plan)
     logger.info("Plan (%s):\n%s", path, plan_table(plan))
+    for choice in plan["choices"]:
+        if choice.get("warning"):
+            logger.warning("Plan: %s.", choice["warning"])
     return apply_plan(system, cfg, plan), plan
 
 

@@ -74,6 +74,11 @@ SIZE_KEYS = (
     "MAX_SIZE_TEST",
 )
 LENGTH_KEYS = ("EPOCHS", "MAX_ITER", "DATASET_REPEAT", "STEP_EPOCHS", "WARMUP_ITERS")
+# Size keys a phase does not read, per AUGMENTATION.
+_UNUSED = {
+    "fixed_size_crop": ("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN"),
+    "shortest_edge": ("SCALE", "CROP_SIZE", "RATIO_RANGE"),
+}
 # Shares of the GPU's memory the planned batch may fill.
 GPU_MEMORY_SHARE = 0.8
 # A phase's re-planned length replaces the planned one when they differ by more than this.
@@ -135,17 +140,24 @@ class _Planner:
         self.choices.append(choice)
 
     def keep(self, phase: str, keys: Iterable[str], figure: str) -> None:
-        """Record a group the user set part of: its values stay the config's."""
+        """Record a group the user set part of: its values stay the config's (those the phase
+        uses: a fixed-size-crop phase ignores MIN/MAX_SIZE_TRAIN, a shortest-edge one SCALE,
+        CROP_SIZE and RATIO_RANGE)."""
         named = [k for k in keys if _phase_key(phase, k) in self.user]
+        unused = _UNUSED[self.system.resolve(self.cfg, phase).AUGMENTATION]
         for key in keys:
             full = _phase_key(phase, key)
             where = self.user.get(full)
+            if key in unused and not where:
+                continue
             rule = f"set in {where}" if where else f"kept with {', '.join(named)} (yours)"
             value = _plain(_lookup(self.cfg, full))
-            self.choices.append(Choice(full, value, rule, figure, yours=bool(where)))
+            self.choices.append(
+                Choice(full, value, rule, figure, yours=bool(where), kept=not where)
+            )
 
     def values(self) -> dict:
-        return {c.key: c.value for c in self.choices if not c.yours and "." in c.key}
+        return {c.key: c.value for c in self.choices if not (c.yours or c.kept) and "." in c.key}
 
 
 def _lookup(cfg, dotted: str):
@@ -348,12 +360,13 @@ def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> 
     elif free:
         seconds[free[0]] = left
     if sum(fixed.values()) > total:
-        logger.warning(
-            "Plan: the phases whose length you set (%s) take %.1f of the %.1f minutes of "
-            "DIRECT_PRETRAIN.BUDGET_MINUTES by the calibration.",
-            ", ".join(fixed),
-            sum(fixed.values()) / 60,
-            total / 60,
+        warning = (
+            f"the phases whose length you set ({', '.join(fixed)}) take "
+            f"{sum(fixed.values()) / 60:.1f} of the {total / 60:.1f} minutes of "
+            "DIRECT_PRETRAIN.BUDGET_MINUTES at the calibrated speed"
+        )
+        planner.choices.append(
+            Choice("budget", inputs["budget_minutes"], "yours", yours=True, warning=warning)
         )
     for phase in free:
         planned = system.resolve(planned_cfg, phase)
@@ -451,9 +464,6 @@ def plan_table(plan: dict) -> str:
         for p, s in plan["budget_seconds"].items()
     )
     lines.append(f"Budget {budget:g} min of training ({plan['inputs']['device']}): {split}.")
-    for c in plan["choices"]:
-        if c.get("warning"):
-            lines.append(f"Warning: {c['warning']}")
     return "\n".join(lines)
 
 

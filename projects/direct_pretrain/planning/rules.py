@@ -81,12 +81,13 @@ class Choice:
     figure: str = ""
     yours: bool = False
     warning: str = ""
+    kept: bool = False  # the config's value, kept with a key of yours of the same group
 
     def row(self) -> dict:
         return {
             "key": self.key,
             "value": self.value,
-            "by": "yours" if self.yours else "plan",
+            "by": "yours" if self.yours else "kept" if self.kept else "plan",
             "rule": self.rule,
             "figure": self.figure,
             **({"warning": self.warning} if self.warning else {}),
