@@ -146,6 +146,27 @@ def test_the_budget_is_split_and_turned_into_epochs():
         assert iters == pytest.approx(seconds[phase] / 0.5, rel=0.02)  # 0.5 s per iteration
 
 
+def test_a_budget_too_small_for_the_epochs_trains_on_smaller_crops_timed_again():
+    cfg = _planned_cfg().clone()
+    cfg.defrost()
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.5
+    cfg.freeze()
+    dicts = _dataset([(512, 512)], (15, 60))
+    system = system_of(cfg)
+    inputs = plan_inputs(system, cfg, {"data": "x"}, {}, len(dicts))
+    calibrate = _calibrate()
+    plan = make_plan(system, cfg, dicts, {}, inputs, calibrate=calibrate)
+    v = _values(plan)
+    assert calibrate.calls == ["PRETRAIN", "FINETUNE", "PRETRAIN", "FINETUNE"]
+    # 20 s at 0.5 s per iteration of 4 images: 2 of the 3 epochs at 512 px -> 416-px crops
+    assert v["FINETUNE.AUGMENTATION"] == "fixed_size_crop" and v["FINETUNE.CROP_SIZE"] == [416, 416]
+    assert v["FINETUNE.MIN_SIZE_TEST"] == 512  # evaluated on whole images still
+    assert "FINETUNE.MIN_SIZE_TRAIN" not in v
+    assert 128 <= v["PRETRAIN.CROP_SIZE"][0] < v["PRETRAIN.SCALE"][0]
+    rows = [c for c in plan["choices"] if c["key"] == "DIRECT_PRETRAIN.FINETUNE.CROP_SIZE"]
+    assert len(rows) == 1 and "budget: 416-px random crops" in rows[0]["rule"]
+
+
 def test_values_you_set_are_kept_and_marked_yours(caplog):
     cfg = get_cfg()
     cfg.merge_from_file(str(DEMO))

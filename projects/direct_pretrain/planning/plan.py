@@ -35,6 +35,7 @@ from .rules import (
     DataFigures,
     anchor_recall,
     batch_and_lr,
+    budget_crop,
     choose_anchor_sizes,
     finetune_scale,
     finetune_sizes,
@@ -156,6 +157,13 @@ class _Planner:
                 Choice(full, value, rule, figure, yours=bool(where), kept=not where)
             )
 
+    def replace(self, phase: str, choices: list[Choice], drop: Iterable[str] = ()) -> None:
+        """Put ``choices`` in place of the planned ones of the same keys (and of ``drop``)."""
+        gone = {_phase_key(phase, k) for k in [*drop, *(c.key for c in choices)]}
+        self.choices = [c for c in self.choices if c.key not in gone or c.yours]
+        for choice in choices:
+            self.add(phase, choice)
+
     def values(self) -> dict:
         return {c.key: c.value for c in self.choices if not (c.yours or c.kept) and "." in c.key}
 
@@ -237,7 +245,13 @@ def make_plan(
                 planner.add(phase, choice)
             planned_cfg = system.with_values(cfg, planner.values())
         calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
-    budget = _split_budget(planner, system, cfg, phases, scales, calibration, inputs)
+    budget, free = _split_budget(planner, system, cfg, phases, scales, calibration, inputs)
+    for phase in free:
+        if not planner.keep_group(phase, SIZE_KEYS):
+            _fit_crop(
+                planner, data, phase, scales[phase], budget[phase], calibration, inputs, calibrate
+            )
+    _schedules(planner, system, cfg, free, budget, calibration, inputs)
     return {
         "inputs": inputs,
         "fingerprint": {
@@ -335,8 +349,9 @@ def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -
     return int(min(GPU_BATCH_CAP[phase], per_gpu * world))
 
 
-def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> dict:
-    """Each phase's training seconds, and its length keys filling them."""
+def _split_budget(planner, system, cfg, phases, scales, calibration, inputs):
+    """Each phase's training seconds (those whose length the user set take their calibrated
+    time), and the phases whose length the plan sets."""
     total = 60.0 * inputs["budget_minutes"]
     planned_cfg = system.with_values(cfg, planner.values())
     fixed = {}
@@ -368,6 +383,34 @@ def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> 
         planner.choices.append(
             Choice("budget", inputs["budget_minutes"], "yours", yours=True, warning=warning)
         )
+    return {k: round(v, 1) for k, v in seconds.items()}, free
+
+
+def _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibrate) -> None:
+    """Smaller crops for a phase the budget pays too few epochs at its planned input
+    (:func:`.rules.budget_crop`), timed again."""
+    system, cfg = planner.system, planner.cfg
+    resolved = system.resolve(system.with_values(cfg, planner.values()), phase)
+    if resolved.AUGMENTATION == "fixed_size_crop":
+        side = max(resolved.CROP_SIZE)
+    else:
+        side = max(resolved.MAX_SIZE_TRAIN, *resolved.MIN_SIZE_TRAIN)
+    speed = calibration[phase]["seconds_per_iter"]
+    epochs = seconds / speed * resolved.IMS_PER_BATCH / max(1, inputs["num_images"])
+    choices = budget_crop(data, phase, scale, side, epochs)
+    if choices is None:
+        return
+    planner.replace(phase, choices, drop=("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN"))
+    if system.has_roi_heads(cfg):
+        crop = tuple(next(c.value for c in choices if c.key == "CROP_SIZE"))
+        planner.replace(phase, [roi_batch(data, scale, crop)])
+    planned_cfg = system.with_values(cfg, planner.values())
+    calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+
+
+def _schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None:
+    """The length keys of each phase the plan sizes, filling its seconds."""
+    planned_cfg = system.with_values(cfg, planner.values())
     for phase in free:
         planned = system.resolve(planned_cfg, phase)
         speed = calibration[phase]["seconds_per_iter"]
@@ -383,7 +426,6 @@ def _split_budget(planner, system, cfg, phases, scales, calibration, inputs) -> 
             phase, seconds[phase], speed, planned.IMS_PER_BATCH, inputs["num_images"]
         ):
             planner.add(phase, choice)
-    return {k: round(v, 1) for k, v in seconds.items()}
 
 
 def apply_plan(system: ConfigSystem, cfg, plan: dict):

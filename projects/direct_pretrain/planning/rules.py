@@ -23,6 +23,7 @@ __all__ = [
     "PT_FLOOR",
     "PT_MIN_RATIO",
     "anchor_recall",
+    "budget_crop",
     "batch_and_lr",
     "choose_anchor_sizes",
     "finetune_scale",
@@ -64,6 +65,10 @@ ROI_BOUNDS = (64, 512)
 # Images per iteration on CPU (per phase) and the cap on GPU; the LR scaling rule's anchors.
 CPU_BATCH = {"PRETRAIN": 8, "FINETUNE": 4}
 GPU_BATCH_CAP = {"PRETRAIN": 64, "FINETUNE": 16}
+# Epochs a phase should get at least: when the budget cannot pay them at the planned input,
+# the phase trains on smaller random crops at the same scale (not below MIN_CROP px).
+MIN_EPOCHS = {"PRETRAIN": 12.0, "FINETUNE": 3.0}
+MIN_CROP = 128
 # Share of the training budget that goes to fine-tuning, and when the scale changes by more
 # than LARGE_SCALE_CHANGE between the phases.
 FT_SHARE = 1 / 3
@@ -219,6 +224,31 @@ def pretrain_sizes(data: DataFigures, scale: float, device: str) -> list[Choice]
         Choice("SCALE", (height, width), rule, figure),
         Choice("CROP_SIZE", (min(height, limit), min(width, limit)), rule),
     ] + _test_sizes(data, scale, figure)
+
+
+def budget_crop(
+    data: DataFigures, phase: str, scale: float, side: int, epochs: float
+) -> list[Choice] | None:
+    """Random crops at ``scale`` small enough (by the square root of the shortfall) for the
+    phase to get about ``MIN_EPOCHS`` where its input of ``side`` px would get ``epochs``;
+    None if it gets them or the crop cannot shrink."""
+    need = MIN_EPOCHS[phase]
+    if epochs >= need:
+        return None
+    crop = max(MIN_CROP, int(side * math.sqrt(epochs / need)) // 32 * 32)
+    if crop >= side:
+        return None
+    height, width, _, _ = _scaled(data, scale)
+    rule = (
+        f"budget: {crop}-px random crops at scale {scale:.2f} for about {need:g} epochs "
+        "(objects keep their size)"
+    )
+    figure = f"{epochs:.1f} epochs at {side} px"
+    return [
+        Choice("AUGMENTATION", "fixed_size_crop", rule),
+        Choice("SCALE", (height, width), rule, figure),
+        Choice("CROP_SIZE", (min(height, crop), min(width, crop)), rule, figure),
+    ]
 
 
 def _device(device: str) -> str:
