@@ -63,7 +63,9 @@ def folder(out: Path, dataset: str, method: str, seed: int) -> Path:
 
 def train_pair(out: Path, dataset: str, seed: int) -> None:
     """The demo config, then the planned config at the demo run's training minutes."""
-    opts = [*dataset_opts(dataset), "SEED", str(seed)]
+    # Both methods train on the whole training set (no validation slice held out), so that
+    # they see the same images and the final model is the last phase's in both.
+    opts = [*dataset_opts(dataset), "SEED", str(seed), "DIRECT_PRETRAIN.VAL_SLICE", "0"]
     demo = folder(out, dataset, "demo", seed)
     run_training(DEMO_CONFIG, demo, opts, SINGLE_THREAD)
     minutes = round(collect_run(demo)["train_seconds"] / 60, 2)
