@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from detectron2.engine import HookBase, launch
 from detectron2.utils import comm
 
@@ -65,3 +66,23 @@ def test_two_processes_sync_bn_only_where_the_phase_says(synthetic_data, tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["phases"]["FINETUNE"]["iterations"] == 3
     assert (tmp_path / "run" / "finetune" / "bridged_init_report.json").is_file()
+
+
+def _budgeted_worker(cfg) -> None:
+    run_pipeline(cfg, user_keys={})
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_two_processes_plan_in_step_and_keep_the_main_process_plan(synthetic_data, tmp_path):
+    skip_without_cpu_multiprocess(ddp=True)
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.1
+    launch(_budgeted_worker, 2, dist_url="auto", args=(cfg,))
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    keys = json.loads((tmp_path / "finetune" / "phase_keys.json").read_text())
+    epochs = plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    for replanned in plan.get("replanned", {}).values():
+        epochs = replanned["values"].get("DIRECT_PRETRAIN.FINETUNE.EPOCHS", epochs)
+    assert keys["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] == epochs
+    assert json.loads((tmp_path / "summary.json").read_text())["budget"]["minutes"] == 0.1

@@ -568,8 +568,7 @@ def _describe(system: ConfigSystem, cfg, dicts: list[dict]) -> None:
 def prepare_run(cfg, user_keys: dict | None = None):
     """Everything before the first phase: :func:`prepare_config`, ``config.yaml``, the
     validation slice held out of training, and with ``DIRECT_PRETRAIN.BUDGET_MINUTES`` the
-    plan (made on the training set without the slice, on the main process; the others read
-    it).
+    plan (made on the training set without the slice, the main process's kept).
 
     Args:
         cfg: the pipeline config.
@@ -589,9 +588,7 @@ def prepare_run(cfg, user_keys: dict | None = None):
         user = default_user_keys(cfg) if user_keys is None else user_keys
         dicts = system.train_dicts(cfg)
         digests = dataset_fingerprints(system.split_names(cfg)[0])
-        cfg, _ = build_on_main(
-            lambda: planned_config(system, cfg, dicts, user, digests), "planning the run"
-        )
+        cfg, _ = planned_config(system, cfg, dicts, user, digests)  # on every process
         if comm.is_main_process():
             _describe(system, cfg, dicts)
     return cfg, num_images, val_slice

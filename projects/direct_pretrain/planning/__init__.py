@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
+from detectron2.utils import comm
+
 from ..config_systems import ConfigSystem
 from ..phases import active_phases
 from ..run_folder import PHASE_KEYS_FILE
@@ -65,7 +67,10 @@ def planned_config(
     calibrate=None,
 ):
     """``cfg`` with its plan applied, and the plan: the saved ``OUTPUT_DIR/plan.yaml`` if its
-    inputs are this command's, else a new one (main process; logged as a table).
+    inputs are this command's, else a new one (logged as a table by the main process).
+
+    Called on every process: a new plan is made on all of them in step (the calibration's
+    loaders build their caches collectively) and the main process's is used and saved.
 
     Raises:
         PlanChangedError: the saved plan's inputs differ and a phase has started with it.
@@ -86,12 +91,15 @@ def planned_config(
                 "min). Use a new OUTPUT_DIR, or rerun with what the plan was made for."
             )
         kwargs = {} if calibrate is None else {"calibrate": calibrate}
-        plan = make_plan(system, cfg, dicts, user, inputs, **kwargs)
-        write_plan(path, plan)
-    logger.info("Plan (%s):\n%s", path, plan_table(plan))
-    for choice in plan["choices"]:
-        if choice.get("warning"):
-            logger.warning("Plan: %s.", choice["warning"])
+        plan = comm.all_gather(make_plan(system, cfg, dicts, user, inputs, **kwargs))[0]
+        if comm.is_main_process():
+            write_plan(path, plan)
+        comm.synchronize()
+    if comm.is_main_process():
+        logger.info("Plan (%s):\n%s", path, plan_table(plan))
+        for choice in plan["choices"]:
+            if choice.get("warning"):
+                logger.warning("Plan: %s.", choice["warning"])
     return apply_plan(system, cfg, plan), plan
 
 
