@@ -194,6 +194,16 @@ def test_values_you_set_are_kept_and_marked_yours(caplog):
     assert rows["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]["by"] == "plan"
 
 
+def test_the_lr_follows_a_batch_you_set():
+    user = {"DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH": "the command line"}
+    cfg = _planned_cfg().clone()
+    cfg.defrost()
+    cfg.DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH = 32
+    plan, planned = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, user=user)
+    assert planned.DIRECT_PRETRAIN.FINETUNE.IMS_PER_BATCH == 32
+    assert planned.DIRECT_PRETRAIN.FINETUNE.BASE_LR == pytest.approx(0.04)  # 0.02 x 32 / 16
+
+
 def test_lengths_you_set_beyond_the_budget_are_warned(caplog):
     cfg = get_cfg()
     cfg.merge_from_file(str(DEMO))

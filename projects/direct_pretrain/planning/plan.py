@@ -191,7 +191,8 @@ def _phase_scale(system: ConfigSystem, cfg, name: str, data: DataFigures) -> flo
 def make_plan(
     system: ConfigSystem, cfg, dicts: list[dict], user: dict, inputs: dict, calibrate=time_steps
 ) -> dict:
-    """The plan of ``cfg`` for the training set ``dicts`` (main process).
+    """The plan of ``cfg`` for the training set ``dicts`` (each process makes its own; the
+    pipeline keeps the main process's).
 
     Args:
         system: the config's system.
@@ -233,15 +234,20 @@ def make_plan(
         crops[phase] = planned.CROP_SIZE if planned.AUGMENTATION == "fixed_size_crop" else None
         if system.has_roi_heads(cfg):
             planner.add(phase, roi_batch(data, scales[phase], crops[phase]))
-        if not device.startswith("cuda"):
-            for choice in batch_and_lr(phase, device):
+        if planner.keep_group(phase, ("IMS_PER_BATCH",)):  # the LR follows your batch
+            yours = system.resolve(cfg, phase).IMS_PER_BATCH
+            for choice in batch_and_lr(phase, yours, "yours"):
+                planner.add(phase, choice)
+        elif not device.startswith("cuda"):
+            for choice in batch_and_lr(phase):
                 planner.add(phase, choice)
     calibration = {}
     for phase in phases:
         planned_cfg = system.with_values(cfg, planner.values())
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not planner.keep_group(phase, ("IMS_PER_BATCH",)):
             batch = _gpu_batch(system, planned_cfg, phase, inputs, calibrate)
-            for choice in batch_and_lr(phase, device, batch):
+            why = "GPU: the largest batch whose measured memory fits 80% of the GPU"
+            for choice in batch_and_lr(phase, batch, why):
                 planner.add(phase, choice)
             planned_cfg = system.with_values(cfg, planner.values())
         calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)

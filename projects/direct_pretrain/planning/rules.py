@@ -342,19 +342,21 @@ def roi_batch(data: DataFigures, scale: float, crop: tuple[int, int] | None) -> 
     )
 
 
-def batch_and_lr(phase: str, device: str, batch: int | None = None) -> list[Choice]:
-    """Images per iteration (CPU: the demo's measured values; GPU: ``batch`` found by the
-    calibration's memory probe) and the LR scaled with it: 0.0025 per image up to 8 images,
-    Detectron2's 0.02 per 16 images (linear scaling) beyond."""
+def batch_and_lr(phase: str, batch: int | None = None, why: str = "") -> list[Choice]:
+    """Images per iteration (by default the CPU's, ``CPU_BATCH``) and the LR scaled with it:
+    0.0025 per image up to 8 images, Detectron2's 0.02 per 16 images (linear scaling) beyond."""
     if batch is None:
         batch = CPU_BATCH[phase]
         why = f"CPU: {batch} images per iteration"
-    else:
-        why = "GPU: the largest batch whose measured memory fits 80% of the GPU"
     lr = max(0.0025 * min(batch, 8), 0.00125 * batch)
     return [
         Choice("IMS_PER_BATCH", batch, why),
-        Choice("BASE_LR", round(lr, 5), "0.0025 x batch up to 8, then 0.02 x batch / 16"),
+        Choice(
+            "BASE_LR",
+            round(lr, 5),
+            "0.0025 x batch up to 8, then 0.02 x batch / 16",
+            f"batch {batch}",
+        ),
     ]
 
 
