@@ -142,23 +142,32 @@ def predict_tiled(
     overlap: int,
     nms_thresh: float = 0.5,
     on_tile: Callable[[int, int], None] | None = None,
+    predict_batch: Callable[[list[np.ndarray]], list[Instances]] | None = None,
+    batch: int = 1,
 ) -> tuple[Instances, int]:
     """Predict on ``image`` (HWC) tile by tile and merge; return (Instances, tiles used).
 
     ``predict`` maps an image (HWC, same format) to Instances in its pixels. An image no
     larger than one tile is predicted as it is. ``on_tile(done, total)`` is called after
-    each tile.
+    each tile (each batch). With ``predict_batch`` (a list of images to their Instances) and
+    ``batch`` > 1, the tiles go ``batch`` at a time. ``image`` may be any object with
+    ``shape`` whose 2-D slices are arrays (e.g. :class:`~.images.PillowBGR`): only the
+    tiles are copied out of it.
     """
     height, width = image.shape[:2]
     windows = tile_windows(width, height, tile, overlap)
     if len(windows) == 1:
-        result = predict(image)
+        result = predict(np.ascontiguousarray(image[:height, :width]))
         if on_tile is not None:
             on_tile(1, 1)
         return result, 1
+    step = batch if predict_batch is not None and batch > 1 else 1
     parts = []
-    for done, (x0, y0, x1, y1) in enumerate(windows, start=1):
-        parts.append(((x0, y0, x1, y1), predict(np.ascontiguousarray(image[y0:y1, x0:x1]))))
+    for start in range(0, len(windows), step):
+        chunk = windows[start : start + step]
+        tiles = [np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk]
+        found = predict_batch(tiles) if step > 1 else [predict(tiles[0])]
+        parts += zip(chunk, found)
         if on_tile is not None:
-            on_tile(done, len(windows))
+            on_tile(len(parts), len(windows))
     return merge_tile_predictions(parts, (height, width), nms_thresh), len(windows)
