@@ -109,20 +109,31 @@ def merge_tile_predictions(
         Instances in image pixels, sorted by decreasing score.
     """
     height, width = image_size
-    boxes, scores, classes, cut = [], [], [], []
-    for window, inst in parts:
+    boxes, scores, classes, cut, owner = [], [], [], [], []
+    for number, (window, inst) in enumerate(parts):
         shift = torch.tensor(window[:2] * 2, dtype=torch.float32)
         tile_boxes = inst.pred_boxes.tensor.float().cpu() + shift
         boxes.append(tile_boxes)
         scores.append(inst.scores.float().cpu())
         classes.append(inst.pred_classes.cpu())
         cut.append(_cut_by_tile(tile_boxes, window, width, height))
+        owner.append(torch.full((len(tile_boxes),), number))
     boxes, scores = torch.cat(boxes), torch.cat(scores)
-    classes, cut = torch.cat(classes), torch.cat(cut)
+    classes, cut, owner = torch.cat(classes), torch.cat(cut), torch.cat(owner)
 
+    # A whole box covering a fragment overlaps it, so its tile overlaps the fragment's tile:
+    # each tile's fragments are compared with the whole boxes of those tiles only (memory
+    # and time grow with the tiles, not with the square of all boxes).
     keep = torch.ones(len(boxes), dtype=torch.bool)
-    fragments, wholes = cut.nonzero()[:, 0], (~cut).nonzero()[:, 0]
-    if len(fragments) and len(wholes):
+    windows = torch.tensor([window for window, _ in parts], dtype=torch.float32)
+    for number in owner[cut].unique().tolist():
+        x0, y0, x1, y1 = windows[number]
+        near = (windows[:, 0] < x1) & (x0 < windows[:, 2]) & (windows[:, 1] < y1)
+        near &= y0 < windows[:, 3]
+        fragments = (cut & (owner == number)).nonzero()[:, 0]
+        wholes = (~cut & near[owner]).nonzero()[:, 0]
+        if not len(wholes):
+            continue
         same_class = classes[fragments][:, None] == classes[wholes][None, :]
         covered = (_covered(boxes[fragments], boxes[wholes]) >= FRAGMENT_COVERED) & same_class
         keep[fragments[covered.any(dim=1)]] = False
