@@ -129,13 +129,11 @@ def predict_images(
     def predict_instances(image) -> Instances:
         return predict(image)["instances"].to("cpu")
 
-    predict_batch = None
-    if batch > 1:
-        if not hasattr(predict, "predict_batch"):
-            raise ValueError(f"{type(predict).__name__} takes one image per call: use batch 1")
+    def predict_batch(images: list) -> list[Instances]:
+        return [out["instances"].to("cpu") for out in predict.predict_batch(images)]
 
-        def predict_batch(images: list) -> list[Instances]:
-            return [out["instances"].to("cpu") for out in predict.predict_batch(images)]
+    if batch > 1 and not hasattr(predict, "predict_batch"):
+        raise ValueError(f"{type(predict).__name__} takes one image per call: use batch 1")
 
     done = writer.done
     todo = [f for f in files if f not in done]
