@@ -4,7 +4,9 @@
 Takes a finished run folder (--run OUTPUT_DIR of train_net.py; with --phase, the final model of
 one of its finished phases), a config file with weights, or an export folder of
 tools/export_model.py (--model: its TorchScript or ONNX model), and writes COCO results JSON, a
-CSV with one box per row and images with the detections drawn.
+CSV with one box per row and images with the detections drawn. Each image's detections are
+written as it finishes (predictions.jsonl): a rerun of the same command continues after the
+images done; other settings on the same --output are refused unless --overwrite.
 An image larger than the tile size (default: the last phase's test size) is predicted on
 overlapping tiles whose boxes are mapped back and merged. Unreadable files are reported by
 name and skipped.
@@ -17,6 +19,7 @@ Examples:
     python predict.py --config-file output/demo/config_predict.yaml --input a.png \
         --output preds --opts MODEL.WEIGHTS output/demo/model_final.pth
     python predict.py --model output/demo/export_ts --input photos/ --output preds
+    python predict.py --run output/demo --input big.tif --output preds --batch 4
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from direct_pretrain.predict import (  # noqa: E402
     PredictionWriter,
     Predictor,
     class_info,
+    file_identity,
     inference_size,
     list_images,
     load_predict_config,
@@ -47,6 +51,7 @@ from direct_pretrain.predict import (  # noqa: E402
     overlap_pixels,
     predict_images,
     run_score_threshold,
+    start_job,
 )
 from direct_pretrain.utils.io import atomic_write_json, ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
@@ -110,6 +115,18 @@ def get_parser() -> argparse.ArgumentParser:
         help="IoU of the class-wise NMS that merges detections across tiles (default: 0.5)",
     )
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="tiles of an image per forward pass (default: 1; not with --model)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the predictions in --output made with other settings (default: refuse "
+        "them; the same settings continue the job)",
+    )
+    parser.add_argument(
         "--save",
         nargs="+",
         choices=OUTPUTS,
@@ -128,6 +145,13 @@ def get_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     if args.phase and not args.run:
         raise ValueError("--phase needs --run (the run folder whose phase to predict with)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: give at least 1 tile per forward pass")
+    if args.model and args.batch > 1:
+        raise ValueError(
+            f"--batch {args.batch} with --model: an exported model takes one image per call "
+            "(it was traced on one image); use --batch 1, or --run for batches"
+        )
     ensure_writable_dir(args.output, "--output")
     setup_logger(args.output, name="detectron2")
     logger = setup_project_logger(args.output)
@@ -156,14 +180,28 @@ def main(args: argparse.Namespace) -> dict:
     if threshold is None:
         saved = run_score_threshold(args.run, args.phase) if args.run else None
         threshold, why = saved or (DEFAULT_SCORE_THRESHOLD, "default")
+    settings = {
+        "model": file_identity(source),
+        "config_file": os.path.abspath(args.config_file) if args.config_file else None,
+        "phase": args.phase.upper() if args.phase else None,
+        "opts": list(args.opts),
+        "score_threshold": threshold,
+        "test_size": [min_size, max_size],
+        "tile_size": tile,
+        "tile_overlap_px": overlap,
+        "nms_threshold": args.nms_threshold,
+        "outputs": sorted(args.save),
+    }
+    start_job(args.output, settings, args.overwrite)
     logger.info("score threshold %.3g (%s)", threshold, why)
     logger.info(
-        "Predicting on %d image file(s) with %s; test size %d (max %d); %s",
+        "Predicting on %d image file(s) with %s; test size %d (max %d); %s%s",
         len(files),
         source,
         min_size,
         max_size,
         f"tiles {tile} px, overlap {overlap} px" if tile > 0 else "no tiling",
+        f", {args.batch} tiles per forward pass" if args.batch > 1 else "",
     )
     writer = PredictionWriter(
         args.output,
@@ -179,6 +217,7 @@ def main(args: argparse.Namespace) -> dict:
         overlap,
         nms_thresh=args.nms_threshold,
         score_thresh=threshold,
+        batch=args.batch,
     )
     atomic_write_json(os.path.join(args.output, SUMMARY_FILE), summary)
     logger.info("Outputs in %s: %s", args.output, json.dumps(sorted(args.save)))

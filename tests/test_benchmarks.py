@@ -61,6 +61,24 @@ def test_phase_cost_and_data_loading(synthetic_data, tmp_path):
     assert "| low-res cache |" in loading.stdout
 
 
+def test_prediction_benchmarks(synthetic_data, tmp_path):
+    run = tmp_path / "run"
+    run_pipeline(tiny_cfg(synthetic_data, run))
+    throughput = _script(
+        "predict_throughput.py",
+        *("--run", str(run), "--image", "150", "--tiles", "4", "--batches", "1", "2"),
+        *("--json", str(tmp_path / "throughput.json")),
+    )
+    assert throughput.returncode == 0, throughput.stderr[-2000:]
+    assert "| Detectron2 DefaultPredictor | 1 |" in throughput.stdout
+    assert "| direct_pretrain Predictor | 2 |" in throughput.stdout
+    results = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert results["batch 2"]["image_tiles"] == 9  # 150 px at 64 px tiles
+    large = _script("large_image.py", "--run", str(run), "--side", "600", "--tile", "128")
+    assert large.returncode == 0, large.stderr[-2000:]
+    assert "peak increase / decoded bytes" in large.stdout and "| 600x600 |" in large.stdout
+
+
 def test_memory_planner_says_it_needs_a_gpu():
     if torch.cuda.is_available():
         return

@@ -73,6 +73,7 @@ def run_predict(
         str(image),
         "--output",
         str(output),
+        "--overwrite",
         "--confidence-threshold",
         "0",
         "--save",

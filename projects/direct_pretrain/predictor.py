@@ -26,7 +26,8 @@ class Predictor:
 
     Takes one BGR image (HWC uint8, as ``DefaultPredictor``), applies the model's test
     resize and input format and returns the model's output dict (``"instances"`` in the
-    input image's pixels). A checkpoint that does not fit the model is an error naming the keys.
+    input image's pixels); :meth:`predict_batch` takes several in one forward pass. A
+    checkpoint that does not fit the model is an error naming the keys.
     """
 
     def __init__(self, cfg) -> None:
@@ -48,10 +49,18 @@ class Predictor:
         load_weights_strictly(self.model, weights)
 
     def __call__(self, original_image) -> dict:
-        with torch.no_grad():
+        return self.predict_batch([original_image])[0]
+
+    def predict_batch(self, original_images: list) -> list[dict]:
+        """Images (BGR, HWC uint8) in one forward pass; their output dicts, in order.
+        Images of one size (tiles) are padded alike, so each gives what it gives alone."""
+        inputs = []
+        for original_image in original_images:
             if self.input_format == "RGB":
                 original_image = original_image[:, :, ::-1]
             height, width = original_image.shape[:2]
             image = self.aug.get_transform(original_image).apply_image(original_image)
             image = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-            return self.model([{"image": image, "height": height, "width": width}])[0]
+            inputs.append({"image": image, "height": height, "width": width})
+        with torch.no_grad():
+            return self.model(inputs)

@@ -33,6 +33,7 @@ __all__ = [
     "ImageSizeError",
     "IMAGE_FORMATS",
     "check_image_size",
+    "open_image_checked",
     "read_image_checked",
 ]
 
@@ -88,6 +89,25 @@ def _to_8bit(image: Image.Image, path: str) -> Image.Image:
     )
 
 
+def open_image_checked(path: str, mode: str = "RGB") -> Image.Image:
+    """Decode ``path`` once into an upright 8-bit Pillow image in ``mode`` ("RGB" or "L").
+
+    An image already in ``mode`` is returned as decoded (no converted copy): a large image
+    can then be cut into tiles (``crop``) without a second full-size array.
+
+    Raises:
+        BadImageError: as :func:`read_image_checked`.
+    """
+    try:
+        with PathManager.open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode all of it now: truncation raises here, not later
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+    image = _to_8bit(_upright(image, path), path)
+    return image if image.mode == mode else image.convert(mode)
+
+
 def read_image_checked(path: str, image_format: str) -> np.ndarray:
     """Read ``path`` as an upright HWC uint8 array in ``image_format`` ("BGR", "RGB" or "L").
 
@@ -100,14 +120,7 @@ def read_image_checked(path: str, image_format: str) -> np.ndarray:
         raise ValueError(
             f"image format '{image_format}' is not supported: use one of {IMAGE_FORMATS}"
         )
-    try:
-        with PathManager.open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode all of it now: truncation raises here, not later
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
-    image = _to_8bit(_upright(image, path), path)
-    array = np.asarray(image.convert("RGB" if image_format == "BGR" else image_format))
+    array = np.asarray(open_image_checked(path, "RGB" if image_format == "BGR" else image_format))
     if image_format == "L":
         return np.expand_dims(array, -1)
     return array[:, :, ::-1] if image_format == "BGR" else array

@@ -109,20 +109,31 @@ def merge_tile_predictions(
         Instances in image pixels, sorted by decreasing score.
     """
     height, width = image_size
-    boxes, scores, classes, cut = [], [], [], []
-    for window, inst in parts:
+    boxes, scores, classes, cut, owner = [], [], [], [], []
+    for number, (window, inst) in enumerate(parts):
         shift = torch.tensor(window[:2] * 2, dtype=torch.float32)
         tile_boxes = inst.pred_boxes.tensor.float().cpu() + shift
         boxes.append(tile_boxes)
         scores.append(inst.scores.float().cpu())
         classes.append(inst.pred_classes.cpu())
         cut.append(_cut_by_tile(tile_boxes, window, width, height))
+        owner.append(torch.full((len(tile_boxes),), number))
     boxes, scores = torch.cat(boxes), torch.cat(scores)
-    classes, cut = torch.cat(classes), torch.cat(cut)
+    classes, cut, owner = torch.cat(classes), torch.cat(cut), torch.cat(owner)
 
+    # A whole box covering a fragment overlaps it, so its tile overlaps the fragment's tile:
+    # each tile's fragments are compared with the whole boxes of those tiles only (memory
+    # and time grow with the tiles, not with the square of all boxes).
     keep = torch.ones(len(boxes), dtype=torch.bool)
-    fragments, wholes = cut.nonzero()[:, 0], (~cut).nonzero()[:, 0]
-    if len(fragments) and len(wholes):
+    windows = torch.tensor([window for window, _ in parts], dtype=torch.float32)
+    for number in owner[cut].unique().tolist():
+        x0, y0, x1, y1 = windows[number]
+        near = (windows[:, 0] < x1) & (x0 < windows[:, 2]) & (windows[:, 1] < y1)
+        near &= y0 < windows[:, 3]
+        fragments = (cut & (owner == number)).nonzero()[:, 0]
+        wholes = (~cut & near[owner]).nonzero()[:, 0]
+        if not len(wholes):
+            continue
         same_class = classes[fragments][:, None] == classes[wholes][None, :]
         covered = (_covered(boxes[fragments], boxes[wholes]) >= FRAGMENT_COVERED) & same_class
         keep[fragments[covered.any(dim=1)]] = False
@@ -142,23 +153,32 @@ def predict_tiled(
     overlap: int,
     nms_thresh: float = 0.5,
     on_tile: Callable[[int, int], None] | None = None,
+    predict_batch: Callable[[list[np.ndarray]], list[Instances]] | None = None,
+    batch: int = 1,
 ) -> tuple[Instances, int]:
     """Predict on ``image`` (HWC) tile by tile and merge; return (Instances, tiles used).
 
     ``predict`` maps an image (HWC, same format) to Instances in its pixels. An image no
     larger than one tile is predicted as it is. ``on_tile(done, total)`` is called after
-    each tile.
+    each tile (each batch). With ``predict_batch`` (a list of images to their Instances) and
+    ``batch`` > 1, the tiles go ``batch`` at a time. ``image`` may be any object with
+    ``shape`` whose 2-D slices are arrays (e.g. :class:`~.images.PillowBGR`): only the
+    tiles are copied out of it.
     """
     height, width = image.shape[:2]
     windows = tile_windows(width, height, tile, overlap)
     if len(windows) == 1:
-        result = predict(image)
+        result = predict(np.ascontiguousarray(image[:height, :width]))
         if on_tile is not None:
             on_tile(1, 1)
         return result, 1
+    step = batch if predict_batch is not None and batch > 1 else 1
     parts = []
-    for done, (x0, y0, x1, y1) in enumerate(windows, start=1):
-        parts.append(((x0, y0, x1, y1), predict(np.ascontiguousarray(image[y0:y1, x0:x1]))))
+    for start in range(0, len(windows), step):
+        chunk = windows[start : start + step]
+        tiles = [np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk]
+        found = predict_batch(tiles) if step > 1 else [predict(tiles[0])]
+        parts += zip(chunk, found)
         if on_tile is not None:
-            on_tile(done, len(windows))
+            on_tile(len(parts), len(windows))
     return merge_tile_predictions(parts, (height, width), nms_thresh), len(windows)
