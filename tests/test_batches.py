@@ -80,6 +80,9 @@ def test_browse_data_writes_the_batches_and_trains_nothing(synthetic_data, tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == str(out / "batches_PRETRAIN.jpg")
-    # the batches, and the training set's sizes as each phase sees them (as a run logs them)
-    assert sorted(p.name for p in out.iterdir()) == ["batches_PRETRAIN.jpg", "fingerprint.json"]
+    # the batches, and the training set's sizes as each phase sees them (as a run logs them,
+    # with the box-size figure)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["batches_PRETRAIN.jpg", "fingerprint.json", "report"]
+    assert [p.name for p in (out / "report").iterdir()] == ["box_sizes.png"]
     assert [p.name for p in run.iterdir()] == ["cache"]  # the tiny config's CACHE_DIR only
