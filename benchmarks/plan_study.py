@@ -170,8 +170,9 @@ def report(results: dict, datasets: list[str], figure: str | None) -> str:
         "seeds",
         "box AP",
         "AP50",
-        "training min",
-        "phases (seed 1st)",
+        "training CPU min",
+        "training wall min",
+        "phases (first seed)",
         "plan",
     ]
     if figure:
