@@ -24,6 +24,7 @@ from direct_pretrain.planning import (
 )
 from direct_pretrain.planning.plan import plan_inputs
 from direct_pretrain.planning.rules import DataFigures, anchor_recall
+from direct_pretrain.utils.io import plain
 
 from conftest import ROOT, shrink, tiny_cfg, write_config
 
@@ -334,6 +335,29 @@ def test_lazyconfig_runs_are_planned_too(synthetic_data, tmp_path, caplog):
     )
     assert system.resolve(planned, "PRETRAIN").CROP_SIZE == tuple(
         plan["values"]["DIRECT_PRETRAIN.PRETRAIN.CROP_SIZE"]
+    )
+
+
+def test_lazyconfig_values_of_yours_are_saved_in_the_plan(synthetic_data, tmp_path):
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py"))
+    cfg = shrink(cfg, synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 1.0
+    tmp_path.mkdir(exist_ok=True)
+    anchors = "model.proposal_generator.anchor_generator.sizes"
+    user = {"DIRECT_PRETRAIN.PRETRAIN.SCALE": "the config", anchors: "the command line"}
+    _, plan = planned_config(
+        system_of(cfg), cfg, _dataset([(64, 64)], (10, 30)), user, {"tiny": "a"}, _calibrate()
+    )
+    rows = {c["key"]: c for c in yaml.safe_load((tmp_path / PLAN_FILE).read_text())["choices"]}
+    assert rows["DIRECT_PRETRAIN.PRETRAIN.SCALE"] == {
+        **rows["DIRECT_PRETRAIN.PRETRAIN.SCALE"],
+        "value": [32, 32],
+        "by": "yours",
+    }
+    assert rows[anchors]["by"] == "yours" and rows[anchors]["value"] == plain(
+        cfg.model.proposal_generator.anchor_generator.sizes
     )
 
 

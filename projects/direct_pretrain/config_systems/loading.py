@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import check_lazy_node, default_direct_pretrain, get_cfg, user_keys
 from ..phases import check_phase_controlled
-from ..utils.io import flatten_dict
+from ..utils.io import flatten_dict, plain
 from .base import ConfigSystem
 from .lazy_system import LAZY_CONTROLLED_PATHS, LazySystem
 from .yacs_system import PHASE_CONTROLLED_KEYS, YacsSystem
@@ -92,9 +92,5 @@ def changed_direct_pretrain_keys(cfg, where: str = "the config") -> dict[str, st
     return {
         key: where
         for key, value in flatten_dict(tree, "DIRECT_PRETRAIN.").items()
-        if _plain(value) != _plain(defaults.get(key))
+        if plain(value) != plain(defaults.get(key))
     }
-
-
-def _plain(value):
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

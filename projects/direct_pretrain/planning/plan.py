@@ -27,7 +27,7 @@ from ..engine import time_steps
 from ..phase_kinds import PhaseConfigError
 from ..phases import active_phases
 from ..run_folder import PHASE_SAFE_KEYS
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, plain
 from .rules import (
     CPU_BATCH,
     GPU_BATCH_CAP,
@@ -134,10 +134,10 @@ class _Planner:
     def add(self, phase: str | None, choice: Choice) -> None:
         key = choice.key if phase is None else _phase_key(phase, choice.key)
         if key in self.user:
-            current = _plain(_lookup(self.cfg, key))
+            current = plain(_lookup(self.cfg, key))
             choice = Choice(key, current, f"set in {self.user[key]}", choice.figure, yours=True)
         else:
-            choice = Choice(key, _plain(choice.value), choice.rule, choice.figure)
+            choice = Choice(key, plain(choice.value), choice.rule, choice.figure)
         self.choices.append(choice)
 
     def keep(self, phase: str, keys: Iterable[str], figure: str) -> None:
@@ -152,7 +152,7 @@ class _Planner:
             if key in unused and not where:
                 continue
             rule = f"set in {where}" if where else f"kept with {', '.join(named)} (yours)"
-            value = _plain(_lookup(self.cfg, full))
+            value = plain(_lookup(self.cfg, full))
             self.choices.append(
                 Choice(full, value, rule, figure, yours=bool(where), kept=not where)
             )
@@ -173,14 +173,6 @@ def _lookup(cfg, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def _plain(value):
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _phase_scale(system: ConfigSystem, cfg, name: str, data: DataFigures) -> float:
@@ -297,8 +289,8 @@ def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]
         return
     sizes_key, ratios_key, features = layout
     strides = [2 ** int(f[1:]) if f[:1] == "p" and f[1:].isdigit() else None for f in features]
-    sizes = _plain(_lookup(planner.cfg, sizes_key))
-    ratios = _plain(_lookup(planner.cfg, ratios_key))
+    sizes = plain(_lookup(planner.cfg, sizes_key))
+    ratios = plain(_lookup(planner.cfg, ratios_key))
     if sizes_key in planner.user or None in strides or len(sizes) != len(strides):
         recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
         warning = ""
@@ -469,7 +461,7 @@ def replan_after(system: ConfigSystem, cfg, plan: dict, done: str, record: dict)
     speed = plan["calibration"][phase]["seconds_per_iter"] * drift
     batch = plan["calibration"][phase]["ims_per_batch"]
     choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])
-    values = {_phase_key(phase, c.key): _plain(c.value) for c in choices}
+    values = {_phase_key(phase, c.key): plain(c.value) for c in choices}
     values = {k: v for k, v in values.items() if k in plan["values"]}
     reason = (
         f"phase {done} trained {used:.0f} s (planned {plan['budget_seconds'][done]:.0f} s; "

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -25,6 +26,7 @@ __all__ = [
     "ensure_writable_dir",
     "file_signature",
     "flatten_dict",
+    "plain",
     "remove_partial_files",
     "tensor_bytes",
 ]
@@ -207,6 +209,16 @@ def flatten_dict(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every sequence (tuple, OmegaConf ListConfig) as a list and every mapping as
+    a dict, recursively: what YAML and JSON write and what compares equal across config systems."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(v) for v in value]
+    return value
 
 
 def file_signature(path: str | os.PathLike) -> str:
