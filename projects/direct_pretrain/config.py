@@ -216,9 +216,10 @@ def _is_int(value) -> bool:
 
 
 def lookup(node, dotted: str):
-    """The value at a dotted key of a config tree, or None if a step is missing."""
+    """The value at a dotted key of a config tree (yacs or LazyConfig), or None if a step is
+    missing."""
     for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
+        if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
     return node

@@ -8,6 +8,7 @@ import os
 
 from detectron2.utils import comm
 
+from ..config import lookup
 from ..config_systems import ConfigSystem
 from ..phases import active_phases
 from ..run_folder import PHASE_KEYS_FILE
@@ -23,7 +24,14 @@ from .plan import (
     replan_after,
     write_plan,
 )
-from .rules import DataFigures, anchor_recall, per_level, recall_text
+from .rules import (
+    DataFigures,
+    anchor_recall,
+    anchor_warning,
+    feature_strides,
+    per_level,
+    recall_text,
+)
 
 __all__ = [
     "PLAN_FILE",
@@ -42,8 +50,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BOX_SIZES_FIGURE = os.path.join("report", "box_sizes.png")
-# Warn when the anchors match fewer boxes than this at a phase's training scale.
-LOW_ANCHOR_RECALL = 0.5
 
 
 class PlanChangedError(RuntimeError):
@@ -113,30 +119,19 @@ def describe_anchors(system: ConfigSystem, cfg, dicts: list[dict], output_dir: s
     anchors, strides, recall = [], [], {}
     if layout is not None:
         sizes_key, ratios_key, features = layout
-        sizes, ratios = _value(cfg, sizes_key), _value(cfg, ratios_key)
-        anchors = sorted({float(s) for level in sizes for s in level})
-        strides = [2 ** int(f[1:]) for f in features if f[:1] == "p" and f[1:].isdigit()]
+        sizes, ratios = _per_level(cfg, sizes_key), _per_level(cfg, ratios_key)
+        anchors = sorted({s for level in sizes for s in level})
+        strides = [s for s in feature_strides(features) if s is not None]
         recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
         logger.info("Anchors %s: %s", sizes, recall_text(recall))
-        low = {n: r for n, r in recall.items() if r < LOW_ANCHOR_RECALL}
-        if low and len(data.sides):
-            logger.warning(
-                "%s = %s matches only %s (IoU >= 0.5, anchor centred on the box): the "
-                "detector will miss the others. Use anchors nearer the box sizes (see %s), or "
-                "leave the key to the plan (DIRECT_PRETRAIN.BUDGET_MINUTES).",
-                sizes_key,
-                sizes,
-                recall_text(low),
-                BOX_SIZES_FIGURE,
-            )
+        warning = anchor_warning(sizes_key, sizes, recall) if len(data.sides) else ""
+        if warning:
+            logger.warning("%s.", warning)
     plot_box_sizes(
         data.sides, scales, anchors, strides, recall, os.path.join(output_dir, BOX_SIZES_FIGURE)
     )
     return recall
 
 
-def _value(cfg, dotted: str) -> list[list[float]]:
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return [[float(x) for x in level] for level in per_level(node)]
+def _per_level(cfg, dotted: str) -> list[list[float]]:
+    return [[float(x) for x in level] for level in per_level(lookup(cfg, dotted))]

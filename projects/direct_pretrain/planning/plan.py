@@ -22,6 +22,7 @@ import torch
 import yaml
 from detectron2.utils import comm
 
+from ..config import lookup
 from ..config_systems import ConfigSystem
 from ..engine import time_steps
 from ..phase_kinds import PhaseConfigError
@@ -34,9 +35,11 @@ from .rules import (
     Choice,
     DataFigures,
     anchor_recall,
+    anchor_warning,
     batch_and_lr,
     budget_crop,
     choose_anchor_sizes,
+    feature_strides,
     finetune_scale,
     finetune_sizes,
     phase_schedule,
@@ -134,7 +137,7 @@ class _Planner:
     def add(self, phase: str | None, choice: Choice) -> None:
         key = choice.key if phase is None else _phase_key(phase, choice.key)
         if key in self.user:
-            current = plain(_lookup(self.cfg, key))
+            current = plain(lookup(self.cfg, key))
             choice = Choice(key, current, f"set in {self.user[key]}", choice.figure, yours=True)
         else:
             choice = Choice(key, plain(choice.value), choice.rule, choice.figure)
@@ -152,7 +155,7 @@ class _Planner:
             if key in unused and not where:
                 continue
             rule = f"set in {where}" if where else f"kept with {', '.join(named)} (yours)"
-            value = plain(_lookup(self.cfg, full))
+            value = plain(lookup(self.cfg, full))
             self.choices.append(
                 Choice(full, value, rule, figure, yours=bool(where), kept=not where)
             )
@@ -166,13 +169,6 @@ class _Planner:
 
     def values(self) -> dict:
         return {c.key: c.value for c in self.choices if not (c.yours or c.kept) and "." in c.key}
-
-
-def _lookup(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def _phase_scale(system: ConfigSystem, cfg, name: str, data: DataFigures) -> float:
@@ -220,12 +216,11 @@ def make_plan(
             for choice in pretrain_sizes(data, scales["PRETRAIN"], device):
                 planner.add("PRETRAIN", choice)
     _plan_anchors(planner, data, scales)
-    crops = {}
     for phase in phases:
         planned = system.resolve(system.with_values(cfg, planner.values()), phase)
-        crops[phase] = planned.CROP_SIZE if planned.AUGMENTATION == "fixed_size_crop" else None
+        crop = planned.CROP_SIZE if planned.AUGMENTATION == "fixed_size_crop" else None
         if system.has_roi_heads(cfg):
-            planner.add(phase, roi_batch(data, scales[phase], crops[phase]))
+            planner.add(phase, roi_batch(data, scales[phase], crop))
         if planner.keep_group(phase, ("IMS_PER_BATCH",)):  # the LR follows your batch
             yours = system.resolve(cfg, phase).IMS_PER_BATCH
             for choice in batch_and_lr(phase, yours, "yours"):
@@ -288,29 +283,18 @@ def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]
     if layout is None:
         return
     sizes_key, ratios_key, features = layout
-    strides = [2 ** int(f[1:]) if f[:1] == "p" and f[1:].isdigit() else None for f in features]
-    sizes = plain(_lookup(planner.cfg, sizes_key))
-    ratios = plain(_lookup(planner.cfg, ratios_key))
+    strides = feature_strides(features)
+    sizes = plain(lookup(planner.cfg, sizes_key))
+    ratios = plain(lookup(planner.cfg, ratios_key))
     if sizes_key in planner.user or None in strides or len(sizes) != len(strides):
         recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
-        warning = ""
-        if min(recall.values(), default=1.0) < 0.5:
-            warning = (
-                f"{sizes_key} = {sizes} matches only {recall_text(recall)}: consider anchors "
-                "nearer the object sizes (or leave the key to the plan)"
-            )
+        warning = anchor_warning(sizes_key, sizes, recall)
         why = f"set in {planner.user[sizes_key]}" if sizes_key in planner.user else "kept"
         planner.choices.append(
             Choice(sizes_key, sizes, why, recall_text(recall), yours=True, warning=warning)
         )
         return
-    planner.add(
-        None, _rekeyed(choose_anchor_sizes(data, scales, sizes, ratios, strides), sizes_key)
-    )
-
-
-def _rekeyed(choice: Choice, key: str) -> Choice:
-    return Choice(key, choice.value, choice.rule, choice.figure)
+    planner.add(None, choose_anchor_sizes(sizes_key, data, scales, sizes, ratios, strides))
 
 
 def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> dict:

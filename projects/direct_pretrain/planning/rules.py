@@ -22,10 +22,13 @@ __all__ = [
     "NATIVE_MIN_BOX",
     "PT_FLOOR",
     "PT_MIN_RATIO",
+    "LOW_ANCHOR_RECALL",
     "anchor_recall",
+    "anchor_warning",
     "budget_crop",
     "batch_and_lr",
     "choose_anchor_sizes",
+    "feature_strides",
     "finetune_scale",
     "finetune_sizes",
     "pretrain_scale",
@@ -57,6 +60,8 @@ MATCH_IOU = 0.5
 # Each level's anchors are at least this many times its stride: anchors sit every stride px, so
 # a box half a stride off the nearest one still overlaps it at IoU >= 0.5 (0.53 at 3x).
 ANCHOR_STRIDES = 3
+# Anchors matching fewer than this share of the boxes at a phase's scale are warned about.
+LOW_ANCHOR_RECALL = 0.5
 # Anchor aspect ratios (h/w) assumed when the config gives none.
 DEFAULT_RATIOS = (0.5, 1.0, 2.0)
 # RoIs sampled per image: this many per object in the training input, within the bounds.
@@ -290,11 +295,30 @@ def anchor_recall(box_wh: np.ndarray, sizes, ratios=()) -> float:
     return float((iou.max(axis=1) >= MATCH_IOU).mean())
 
 
+def feature_strides(features: list[str]) -> list[int | None]:
+    """Each feature map's stride from its Detectron2 FPN name ("p3" -> 8); None for others."""
+    return [2 ** int(f[1:]) if f[:1] == "p" and f[1:].isdigit() else None for f in features]
+
+
+def anchor_warning(key: str, sizes, recall: dict[str, float]) -> str:
+    """The warning for anchors that match fewer than ``LOW_ANCHOR_RECALL`` of the boxes at a
+    phase's scale ("" if they match enough at every phase)."""
+    low = {n: r for n, r in recall.items() if r < LOW_ANCHOR_RECALL}
+    if not low:
+        return ""
+    return (
+        f"{key} = {sizes} matches only {recall_text(low)} (IoU >= {MATCH_IOU:g}, anchor centred "
+        "on the box): the detector will miss the others. Use anchors nearer the box sizes (see "
+        "report/box_sizes.png), or leave the key to the plan (DIRECT_PRETRAIN.BUDGET_MINUTES)"
+    )
+
+
 def choose_anchor_sizes(
-    data: DataFigures, scales: dict[str, float], sizes, ratios, strides: list[int]
+    key: str, data: DataFigures, scales: dict[str, float], sizes, ratios, strides: list[int]
 ) -> Choice:
-    """The config's anchor sizes scaled by a power of two (its layout kept) that match the most
-    boxes at the worst of the phases' scales, each level's anchors at least its stride."""
+    """The config's anchor sizes (config key ``key``) scaled by a power of two (its layout kept)
+    that match the most boxes at the worst of the phases' scales, each level's anchors at least
+    ``ANCHOR_STRIDES`` times its stride."""
     best = None
     for k in range(-3, 4):
         candidate = [[float(s) * 2.0**k for s in level] for level in sizes]
@@ -306,12 +330,12 @@ def choose_anchor_sizes(
             best = (score, candidate, recall)
     if best is None:
         return Choice(
-            "sizes", sizes, f"kept: no scaling keeps each anchor >= {ANCHOR_STRIDES}x its stride"
+            key, sizes, f"kept: no scaling keeps each anchor >= {ANCHOR_STRIDES}x its stride"
         )
     _, candidate, recall = best
     value = [[_tidy(s) for s in level] for level in candidate]
     return Choice(
-        "sizes",
+        key,
         value,
         f"the config's anchors scaled by a power of 2 to match the most boxes (IoU >= "
         f"{MATCH_IOU:g}), each >= {ANCHOR_STRIDES}x its level's stride {strides}",
