@@ -102,6 +102,12 @@ if __name__ == "__main__":
         "train nothing",
     )
     args = parser.parse_args()
+    flags = [opt for opt in args.opts if opt.startswith("--")]
+    if flags:  # argparse hands everything after the first override to the overrides
+        parser.error(
+            f"{' '.join(flags)} must come before the config overrides (KEY VALUE or a.b=c), "
+            "e.g. train_net.py --config-file CFG --plan-only KEY VALUE"
+        )
     launch(
         main,
         args.num_gpus,

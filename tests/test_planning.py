@@ -379,3 +379,15 @@ def test_one_stage_detectors_are_planned(recipe, anchors):
         assert all(len(level) == 3 for level in sizes)
         assert all(min(level) >= 3 * s for level, s in zip(sizes, (8, 16, 32, 64, 128)))
     assert "DIRECT_PRETRAIN.FINETUNE.EPOCHS" in plan["values"]
+
+
+def test_plan_only_after_the_overrides_is_refused_clearly():
+    result = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", str(PLANNED), "SEED", "1", "--plan-only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "--plan-only must come before the config overrides" in result.stderr
