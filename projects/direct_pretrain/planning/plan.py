@@ -89,6 +89,11 @@ GPU_MEMORY_SHARE = 0.8
 REPLAN_TOLERANCE = 0.1
 
 
+def _set_where(where: str) -> str:
+    """ "set in FILE" or "set on the command line"."""
+    return f"set {'on' if where == 'the command line' else 'in'} {where}"
+
+
 def _phase_key(phase: str, key: str) -> str:
     return f"DIRECT_PRETRAIN.{phase}.{key}"
 
@@ -138,7 +143,7 @@ class _Planner:
         key = choice.key if phase is None else _phase_key(phase, choice.key)
         if key in self.user:
             current = plain(lookup(self.cfg, key))
-            choice = Choice(key, current, f"set in {self.user[key]}", choice.figure, yours=True)
+            choice = Choice(key, current, _set_where(self.user[key]), choice.figure, yours=True)
         else:
             choice = Choice(key, plain(choice.value), choice.rule, choice.figure)
         self.choices.append(choice)
@@ -154,7 +159,7 @@ class _Planner:
             where = self.user.get(full)
             if key in unused and not where:
                 continue
-            rule = f"set in {where}" if where else f"kept with {', '.join(named)} (yours)"
+            rule = _set_where(where) if where else f"kept with {', '.join(named)} (yours)"
             value = plain(lookup(self.cfg, full))
             self.choices.append(
                 Choice(full, value, rule, figure, yours=bool(where), kept=not where)
@@ -289,7 +294,7 @@ def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]
     if sizes_key in planner.user or None in strides or len(sizes) != len(strides):
         recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
         warning = anchor_warning(sizes_key, sizes, recall)
-        why = f"set in {planner.user[sizes_key]}" if sizes_key in planner.user else "kept"
+        why = _set_where(planner.user[sizes_key]) if sizes_key in planner.user else "kept"
         planner.choices.append(
             Choice(sizes_key, sizes, why, recall_text(recall), yours=True, warning=warning)
         )
