@@ -391,3 +391,24 @@ def test_plan_only_after_the_overrides_is_refused_clearly():
     )
     assert result.returncode == 2
     assert "--plan-only must come before the config overrides" in result.stderr
+
+
+def test_a_saved_replan_is_kept_on_rerun(synthetic_data, tmp_path):
+    from direct_pretrain.pipeline import _replan_before
+
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=10.0)
+    plan, planned = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, budget=10.0)
+    (tmp_path / "pretrain").mkdir()
+    slow = {"wall_seconds": 10 * plan["budget_seconds"]["PRETRAIN"], "eval_seconds": 0}
+    (tmp_path / "pretrain" / "phase_done.json").write_text(json.dumps({**slow, "iterations": 5}))
+    system = system_of(cfg)
+    replanned = _replan_before(system, planned, plan, "FINETUNE")
+    saved = plan["replanned"]["FINETUNE"]  # the slow pre-train re-planned the fine-tune
+    assert (
+        replanned.DIRECT_PRETRAIN.FINETUNE.EPOCHS
+        == saved["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    )
+    # what the fine-tune started with stays, whatever the rules would say now
+    saved["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] = 1.23
+    kept = _replan_before(system, apply_plan(system, cfg, plan), plan, "FINETUNE")
+    assert kept.DIRECT_PRETRAIN.FINETUNE.EPOCHS == 1.23

@@ -512,10 +512,11 @@ def _budget(cfg) -> float:
 
 def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str):
     """``cfg`` with phase ``name``'s length re-planned from the time the phase before it (in
-    PIPELINE, finished) really took, when that moved it by more than the tolerance."""
+    PIPELINE, finished) really took, when that moved it by more than the tolerance. A re-plan
+    saved in ``plan.yaml`` is what the phase started with: it is kept (``cfg`` holds it)."""
     pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = pipeline.index(name) if name in pipeline else 0
-    if index == 0:
+    if index == 0 or name in plan.get("replanned", {}):
         return cfg
     previous = pipeline[index - 1]
     record = read_done(os.path.join(system.output_dir(cfg), previous.lower()))

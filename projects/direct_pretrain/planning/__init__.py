@@ -52,6 +52,15 @@ logger = logging.getLogger(__name__)
 BOX_SIZES_FIGURE = os.path.join("report", "box_sizes.png")
 
 
+# Plan inputs a refusal shows as "before -> now" (the others are digests or long lists).
+_SHOWN_INPUTS = ("budget_minutes", "device", "num_images")
+_NAMED = {
+    "data": "data (a training dataset's annotation file or image list changed)",
+    "config": "config (a key that changes the result)",
+    "yours": "the keys you set",
+}
+
+
 class PlanChangedError(RuntimeError):
     """The run folder holds phases trained with a plan that this command's inputs change."""
 
@@ -89,12 +98,16 @@ def planned_config(
         logger.info("Plan: reusing %s (same config, data, budget and device).", path)
     else:
         if plan is not None and _started(output_dir):
-            changed = sorted(k for k in inputs if plan.get("inputs", {}).get(k) != inputs[k])
+            before = plan.get("inputs", {})
+            changed = [
+                f"{k} {before.get(k)} -> {inputs[k]}" if k in _SHOWN_INPUTS else _NAMED[k]
+                for k in sorted(inputs)
+                if before.get(k) != inputs[k]
+            ]
             raise PlanChangedError(
                 f"{output_dir} holds phases ({', '.join(_started(output_dir))}) trained with the "
-                f"plan in {path}, made for another {', '.join(changed)} (e.g. budget "
-                f"{plan.get('inputs', {}).get('budget_minutes')} -> {inputs['budget_minutes']} "
-                "min). Use a new OUTPUT_DIR, or rerun with what the plan was made for."
+                f"plan in {path}, which was made with other inputs: {'; '.join(changed)}. Use a "
+                "new OUTPUT_DIR, or rerun with what the plan was made for."
             )
         kwargs = {} if calibrate is None else {"calibrate": calibrate}
         plan = comm.all_gather(make_plan(system, cfg, dicts, user, inputs, **kwargs))[0]
