@@ -64,11 +64,12 @@ def folder(out: Path, dataset: str, method: str, seed: int) -> Path:
 
 def train_pair(out: Path, dataset: str, seed: int) -> None:
     """The demo config, then the planned config at the demo run's training minutes."""
-    # Both methods train on the whole training set (no validation slice held out), so that
-    # they see the same images and the final model is the last phase's in both.
-    opts = [*dataset_opts(dataset), "SEED", str(seed), "DIRECT_PRETRAIN.VAL_SLICE", "0"]
+    # The demo config trains on the whole training set (no validation slice: its final model
+    # is its last phase's); the planned run holds out its default slice (10%) to measure the
+    # fine-tune scale and choose the final model on, and trains on the rest.
+    opts = [*dataset_opts(dataset), "SEED", str(seed)]
     demo = folder(out, dataset, "demo", seed)
-    run_training(DEMO_CONFIG, demo, opts, SINGLE_THREAD)
+    run_training(DEMO_CONFIG, demo, [*opts, "DIRECT_PRETRAIN.VAL_SLICE", "0"], SINGLE_THREAD)
     minutes = round(collect_run(demo, clock="cpu")["train_cpu_seconds"] / 60, 2)
     budget = ["DIRECT_PRETRAIN.BUDGET_MINUTES", str(minutes)]
     run_training(
@@ -112,8 +113,10 @@ def plan_of(run: Path) -> dict:
             return f"{values[node + 'SCALE'][0]} crop {values[node + 'CROP_SIZE'][0]}"
         return str(values.get(node + "MIN_SIZE_TRAIN", ["yours"])[0])
 
+    measured = plan.get("replanned", {}).get("FINETUNE", {}).get("measured")
     return {
         "sizes": f"{size('PRETRAIN')} / {size('FINETUNE')}",
+        "measured": measured["figure"].split("slice ")[-1] if measured else "-",
         "anchors": values.get("MODEL.ANCHOR_GENERATOR.SIZES", "yours"),
         "epochs": f"{values.get('DIRECT_PRETRAIN.PRETRAIN.EPOCHS')} + "
         f"{values.get('DIRECT_PRETRAIN.FINETUNE.EPOCHS')}",

@@ -23,7 +23,12 @@ from direct_pretrain.planning import (
     replan_after,
 )
 from direct_pretrain.planning.plan import plan_inputs
-from direct_pretrain.planning.rules import DataFigures, anchor_recall
+from direct_pretrain.planning.rules import (
+    DataFigures,
+    anchor_recall,
+    finetune_candidates,
+    pick_measured_scale,
+)
 from direct_pretrain.utils.io import plain
 
 from conftest import ROOT, shrink, tiny_cfg, write_config
@@ -402,7 +407,7 @@ def test_a_saved_replan_is_kept_on_rerun(synthetic_data, tmp_path):
     slow = {"wall_seconds": 10 * plan["budget_seconds"]["PRETRAIN"], "eval_seconds": 0}
     (tmp_path / "pretrain" / "phase_done.json").write_text(json.dumps({**slow, "iterations": 5}))
     system = system_of(cfg)
-    replanned = _replan_before(system, planned, plan, "FINETUNE")
+    replanned = _replan_before(system, planned, plan, "FINETUNE", None)
     saved = plan["replanned"]["FINETUNE"]  # the slow pre-train re-planned the fine-tune
     assert (
         replanned.DIRECT_PRETRAIN.FINETUNE.EPOCHS
@@ -410,5 +415,55 @@ def test_a_saved_replan_is_kept_on_rerun(synthetic_data, tmp_path):
     )
     # what the fine-tune started with stays, whatever the rules would say now
     saved["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] = 1.23
-    kept = _replan_before(system, apply_plan(system, cfg, plan), plan, "FINETUNE")
+    kept = _replan_before(system, apply_plan(system, cfg, plan), plan, "FINETUNE", None)
     assert kept.DIRECT_PRETRAIN.FINETUNE.EPOCHS == 1.23
+
+
+def test_the_measured_scale_is_the_largest_within_the_slices_noise_of_the_best():
+    assert finetune_candidates(0.5, 0.55) == [0.55]  # close scales: nothing to measure
+    assert finetune_candidates(0.25, 1.0) == [0.25, 0.5, 1.0]
+    assert pick_measured_scale([0.25, 0.5, 1.0], [8.0, 10.0, 8.9], 10).value == 0.5
+    chosen = pick_measured_scale([0.25, 0.5, 1.0], [8.0, 10.0, 9.1], 10)
+    assert chosen.value == 1.0 and "10-image validation slice x0.25: 8.0" in chosen.figure
+    assert pick_measured_scale([0.25, 0.5, 1.0], [None, 0.0, None], 10).value == 1.0
+
+
+class _Scorer:
+    """Box AP by test size, as if the pre-trained model were evaluated on a 5-image slice."""
+
+    images = 5
+
+    def __init__(self, best_short_side):
+        self.best, self.calls = best_short_side, []
+
+    def __call__(self, min_size_test, max_size_test):
+        self.calls.append(min_size_test)
+        return 20.0 - abs(min_size_test - self.best) / 10
+
+
+def test_the_fine_tune_scale_is_measured_on_the_validation_slice(synthetic_data, tmp_path):
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=10.0)
+    system = system_of(cfg)
+    dicts = _dataset([(512, 512)], (18, 60))
+    plan, _ = _plan(dicts, cfg=cfg, budget=10.0)
+    low, high = plan["scales"]["PRETRAIN"], plan["scales"]["FINETUNE"]
+    assert high / low > 1.5
+    on_time = {"wall_seconds": plan["budget_seconds"]["PRETRAIN"], "iterations": 1}
+    on_time["iterations"] = plan["budget_seconds"]["PRETRAIN"] / 0.5
+    middle = finetune_candidates(low, high)[1]
+    side = 32 * round(512 * middle / 32)  # sizes are multiples of 32 px
+    scorer, calibrate = _Scorer(side), _calibrate(0.25)
+    replanned = replan_after(system, cfg, plan, "PRETRAIN", on_time, scorer, dicts, calibrate)
+    assert len(scorer.calls) == 3 and scorer.calls == sorted(scorer.calls)
+    assert replanned["scale"] == middle and calibrate.calls == ["FINETUNE"]
+    values = _values(replanned)
+    assert values["FINETUNE.MIN_SIZE_TEST"] == side and values["FINETUNE.MIN_SIZE_TRAIN"] == [side]
+    # timed at the new scale (twice as fast): more epochs in the same seconds
+    assert values["FINETUNE.EPOCHS"] > plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"]
+    assert "5-image validation slice" in replanned["reason"]
+    assert replanned["measured"]["value"] == middle
+    again = apply_plan(system, cfg, {**plan, "replanned": {"FINETUNE": replanned}})
+    assert again.DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TEST == side
+    # the rule's scale measured best: kept, the measurement recorded, the sizes unchanged
+    kept = replan_after(system, cfg, plan, "PRETRAIN", on_time, _Scorer(512), dicts, calibrate)
+    assert kept["values"] == {} and kept["measured"]["value"] == high and "kept" in kept["reason"]

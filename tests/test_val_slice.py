@@ -185,3 +185,22 @@ def test_lazyconfig_runs_choose_on_the_slice_too(data24, tmp_path):
     final = _model(tmp_path / "model_final.pth")
     chosen = _model(tmp_path / expected.lower() / "model_final.pth")
     assert all(torch.equal(final[k], chosen[k]) for k in final)
+
+
+def test_a_planned_fine_tune_scale_is_measured_on_the_slice(data24, tmp_path, caplog):
+    cfg = tiny_cfg(data24, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.3
+    cfg.freeze()
+    with caplog.at_level(logging.INFO):
+        summary = run_pipeline(cfg, user_keys={})
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    measured = plan["replanned"]["FINETUNE"]["measured"]
+    assert measured["phase"] == "PRETRAIN" and "2-image validation slice" in measured["figure"]
+    assert measured["figure"].count("; ") == 2  # three candidate scales
+    ran = yaml.safe_load((tmp_path / "finetune" / "phase_config.yaml").read_text())
+    scale = plan["replanned"]["FINETUNE"].get("scale", plan["scales"]["FINETUNE"])
+    assert ran["INPUT"]["MIN_SIZE_TEST"] == 32 * round(64 * scale / 32)
+    assert any("validation slice" in m and m.startswith("Plan: ") for m in caplog.messages)
+    assert summary["budget"]["measured"]["FINETUNE"]["figure"] == measured["figure"]
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert f"FINETUNE scale x{scale:.2f}: " in index

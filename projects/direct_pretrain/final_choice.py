@@ -36,7 +36,13 @@ from .run_folder import FINAL_MODEL, VAL_SLICE_DIR, VAL_SLICE_EVAL_FILE, VAL_SLI
 from .utils.dist import build_on_main
 from .utils.io import atomic_write_json, file_signature
 
-__all__ = ["FinalChoice", "choose_final_phase", "evaluate_on_slice", "hold_out_val_slice"]
+__all__ = [
+    "FinalChoice",
+    "SliceScorer",
+    "choose_final_phase",
+    "evaluate_on_slice",
+    "hold_out_val_slice",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +134,24 @@ def evaluate_on_slice(
     model = system.build_model(pcfg)
     load_weights_strictly(model, weights)
     return evaluate(pcfg, model)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceScorer:
+    """Box AP of phase ``phase``'s model ``weights`` on the validation slice (of ``images``
+    images) at a test size; called in every process, the main process's result."""
+
+    system: ConfigSystem
+    cfg: Any
+    phase: str
+    weights: str
+    images: int
+
+    def __call__(self, min_size_test: int, max_size_test: int) -> float | None:
+        results = evaluate_on_slice(
+            self.system, self.cfg, self.phase, self.weights, min_size_test, max_size_test
+        )
+        return comm.all_gather(_box_ap(results))[0]
 
 
 def _model_key(weights: str) -> str:

@@ -46,7 +46,7 @@ from .config_systems import system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
 from .engine import build_trainer, evaluate
-from .final_choice import choose_final_phase, hold_out_val_slice
+from .final_choice import SliceScorer, choose_final_phase, hold_out_val_slice
 from .outcome import (
     ap_text,
     phase_results,
@@ -437,7 +437,7 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
     plan = read_plan(os.path.join(system.output_dir(cfg), PLAN_FILE)) if _budget(cfg) else None
     for name in active_phases(cfg):
         if plan is not None:
-            cfg = _replan_before(system, cfg, plan, name)
+            cfg = _replan_before(system, cfg, plan, name, val_slice)
         phase = system.resolve(cfg, name)
         pcfg = system.phase_config(cfg, phase, num_images)
         summary["device"] = phase.DEVICE
@@ -510,17 +510,27 @@ def _budget(cfg) -> float:
     return float(cfg.DIRECT_PRETRAIN.BUDGET_MINUTES)
 
 
-def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str):
-    """``cfg`` with phase ``name``'s length re-planned from the time the phase before it (in
-    PIPELINE, finished) really took, when that moved it by more than the tolerance. A re-plan
-    saved in ``plan.yaml`` is what the phase started with: it is kept (``cfg`` holds it)."""
+def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
+    """``cfg`` with phase ``name`` re-planned once the phase before it (in PIPELINE) finished:
+    its length from the time that phase really took, and, with a validation slice, the
+    fine-tune scale measured on it (:func:`replan_after`). A re-plan saved in ``plan.yaml`` is
+    what the phase started with: it is kept (``cfg`` holds it)."""
     pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = pipeline.index(name) if name in pipeline else 0
     if index == 0 or name in plan.get("replanned", {}):
         return cfg
     previous = pipeline[index - 1]
-    record = read_done(os.path.join(system.output_dir(cfg), previous.lower()))
-    replanned = None if record is None else replan_after(system, cfg, plan, previous, record)
+    folder = os.path.join(system.output_dir(cfg), previous.lower())
+    record = read_done(folder)
+    if record is None:
+        return cfg
+    measure, dicts = None, None
+    if val_slice is not None:
+        weights = os.path.join(folder, record["final_model"])
+        measure = SliceScorer(system, cfg, previous, weights, val_slice.images)
+        dicts = system.train_dicts(cfg)
+    replanned = replan_after(system, cfg, plan, previous, record, measure, dicts)
+    replanned = comm.all_gather(replanned)[0]  # timed in each process: the main one's
     if replanned is None:
         return cfg
     plan.setdefault("replanned", {})[name] = replanned
@@ -545,6 +555,11 @@ def _budget_used(plan: dict, phases: dict) -> dict:
         "planned_seconds": planned,
         "used_seconds": used,
         "eval_seconds": {n: phases[n]["eval_seconds"] for n in used},
+        "measured": {
+            name: {k: r["measured"][k] for k in ("value", "rule", "figure")}
+            for name, r in plan.get("replanned", {}).items()
+            if "measured" in r
+        },
     }
     logger.info(
         "Budget %.1f min of training: used %s (evaluation apart: %s)",

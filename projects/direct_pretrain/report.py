@@ -272,6 +272,11 @@ def budget_table(budget: dict) -> list[str]:
         planned = budget["planned_seconds"].get(phase, 0.0)
         evaluation = budget["eval_seconds"].get(phase, 0.0)
         lines.append(f"| {phase} | {planned / 60:.1f} | {used / 60:.1f} | {evaluation / 60:.1f} |")
+    for phase, measured in (budget.get("measured") or {}).items():
+        lines += [
+            "",
+            f"{phase} scale x{measured['value']:.2f}: {measured['rule']} ({measured['figure']}).",
+        ]
     return lines + [""]
 
 

@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from ..config import lookup
 from ..config_systems import ConfigSystem
 from ..engine import time_steps
+from ..final_choice import SliceScorer
 from ..phase_kinds import PhaseConfigError
 from ..phases import active_phases
 from ..run_folder import PHASE_SAFE_KEYS
@@ -40,9 +41,11 @@ from .rules import (
     budget_crop,
     choose_anchor_sizes,
     feature_strides,
+    finetune_candidates,
     finetune_scale,
     finetune_sizes,
     phase_schedule,
+    pick_measured_scale,
     pretrain_scale,
     pretrain_sizes,
     recall_text,
@@ -423,11 +426,24 @@ def apply_plan(system: ConfigSystem, cfg, plan: dict):
     return system.with_values(cfg, values)
 
 
-def replan_after(system: ConfigSystem, cfg, plan: dict, done: str, record: dict) -> dict | None:
-    """Re-plan the length of the phase after ``done`` from the training seconds ``done`` really
-    took (its ``phase_done.json`` ``record``), so that the budget holds; None if unchanged.
+def replan_after(
+    system: ConfigSystem,
+    cfg,
+    plan: dict,
+    done: str,
+    record: dict,
+    measure: SliceScorer | None = None,
+    dicts: list[dict] | None = None,
+    calibrate=time_steps,
+) -> dict | None:
+    """Re-plan the phase after ``done`` once ``done`` finished (its ``phase_done.json``
+    ``record``); None if nothing changes.
 
-    The re-planned length is deterministic given the record, so a rerun repeats it."""
+    Its length follows the training seconds ``done`` really took, so that the budget holds.
+    With ``measure`` (scores ``done``'s model on the validation slice at a test size) and the training set ``dicts``, a fine-tune whose sizes the plan set gets
+    the scale measured best (:func:`.rules.pick_measured_scale`): its sizes, RoIs and length are
+    planned again at that scale and timed. Saved in ``plan.yaml``, a re-plan is kept on rerun.
+    """
     phases = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = phases.index(done) if done in phases else -1
     if index < 0 or index + 1 >= len(phases):
@@ -442,22 +458,79 @@ def replan_after(system: ConfigSystem, cfg, plan: dict, done: str, record: dict)
     left = max(0.0, 60.0 * plan["inputs"]["budget_minutes"] - spent - used)
     planned = sum(plan["budget_seconds"][p] for p in phases[index + 1 :])
     seconds = left * plan["budget_seconds"][phase] / planned if planned else left
+    timing = (
+        f"phase {done} trained {used:.0f} s (planned {plan['budget_seconds'][done]:.0f} s; "
+        f"{drift:.2f}x the calibrated time per iteration): phase {phase} gets {seconds:.0f} s "
+        f"(planned {plan['budget_seconds'][phase]:.0f} s)"
+    )
+    entry = {"phase": phase, "seconds": round(seconds, 1)}
+    if measure is not None and dicts is not None and _measurable(plan, done, phase):
+        choice = _measured_scale(plan, done, phase, DataFigures.of(dicts), measure)
+        entry["measured"] = {**choice.row(), "phase": done}
+        if choice.value != plan["scales"][phase]:
+            values, speed = _plan_at_scale(
+                system, cfg, plan, phase, choice.value, seconds, dicts, calibrate
+            )
+            reason = (
+                f"{timing} at scale {choice.value:.2f}, {choice.rule} ({choice.figure}), "
+                f"timed at {speed:.2f} s per iteration"
+            )
+            return {**entry, "scale": choice.value, "values": values, "reason": reason}
+        timing = f"scale {choice.value:.2f} kept, {choice.rule} ({choice.figure}); {timing}"
     if (
         abs(seconds - plan["budget_seconds"][phase])
         <= REPLAN_TOLERANCE * plan["budget_seconds"][phase]
     ):
-        return None
+        return {**entry, "values": {}, "reason": timing} if "measured" in entry else None
     speed = plan["calibration"][phase]["seconds_per_iter"] * drift
     batch = plan["calibration"][phase]["ims_per_batch"]
     choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])
     values = {_phase_key(phase, c.key): plain(c.value) for c in choices}
     values = {k: v for k, v in values.items() if k in plan["values"]}
-    reason = (
-        f"phase {done} trained {used:.0f} s (planned {plan['budget_seconds'][done]:.0f} s; "
-        f"{drift:.2f}x the calibrated time per iteration): phase {phase} gets {seconds:.0f} s "
-        f"(planned {plan['budget_seconds'][phase]:.0f} s) at {speed:.2f} s per iteration"
+    return {**entry, "values": values, "reason": f"{timing} at {speed:.2f} s per iteration"}
+
+
+def _measurable(plan: dict, done: str, phase: str) -> bool:
+    """The plan set ``phase``'s sizes and it fine-tunes ``done``'s model at another scale."""
+    return (
+        phase == "FINETUNE"
+        and done in plan["scales"]
+        and _phase_key(phase, "AUGMENTATION") in plan["values"]
     )
-    return {"phase": phase, "seconds": round(seconds, 1), "values": values, "reason": reason}
+
+
+def _measured_scale(plan: dict, done: str, phase: str, data: DataFigures, measure) -> Choice:
+    """The scale of ``phase`` at which ``done``'s model scores best, among the candidates."""
+    device = plan["inputs"]["device"]
+    scales = finetune_candidates(plan["scales"][done], plan["scales"][phase])
+    scored: dict[tuple[int, int], float | None] = {}  # scales may round to one test size
+    box_ap = []
+    for scale in scales:
+        test = {c.key: c.value for c in finetune_sizes(data, scale, device)}
+        size = (int(test["MIN_SIZE_TEST"]), int(test["MAX_SIZE_TEST"]))
+        if size not in scored:
+            scored[size] = measure(*size)
+        box_ap.append(scored[size])
+    return pick_measured_scale(scales, box_ap, measure.images)
+
+
+def _plan_at_scale(system, cfg, plan, phase, scale, seconds, dicts, calibrate):
+    """``phase``'s sizes, RoIs and length at ``scale`` filling ``seconds``, timed; the values
+    and the seconds per iteration."""
+    data = DataFigures.of(dicts)
+    inputs = plan["inputs"]
+    planner = _Planner(system, apply_plan(system, cfg, plan), {})
+    for choice in finetune_sizes(data, scale, inputs["device"]):
+        planner.add(phase, choice)
+    if system.has_roi_heads(cfg):
+        resolved = system.resolve(system.with_values(planner.cfg, planner.values()), phase)
+        crop = resolved.CROP_SIZE if resolved.AUGMENTATION == "fixed_size_crop" else None
+        planner.add(phase, roi_batch(data, scale, crop))
+    planned_cfg = system.with_values(planner.cfg, planner.values())
+    calibration = {phase: _calibrate(system, planned_cfg, phase, inputs, calibrate)}
+    _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibrate)
+    _schedules(planner, system, planner.cfg, [phase], {phase: seconds}, calibration, inputs)
+    return planner.values(), calibration[phase]["seconds_per_iter"]
 
 
 def write_plan(path: str, plan: dict) -> None:

@@ -29,8 +29,10 @@ __all__ = [
     "batch_and_lr",
     "choose_anchor_sizes",
     "feature_strides",
+    "finetune_candidates",
     "finetune_scale",
     "finetune_sizes",
+    "pick_measured_scale",
     "pretrain_scale",
     "per_level",
     "pretrain_sizes",
@@ -82,6 +84,14 @@ MIN_WARMUP = 50
 FT_SHARE = 1 / 3
 FT_SHARE_LARGE_CHANGE = 1 / 2
 LARGE_SCALE_CHANGE = 2.5
+# Where the pre-train and fine-tune scales differ by more than MEASURE_MIN_CHANGE, the fine-tune
+# scale is measured: the pre-trained model is evaluated on the validation slice at
+# MEASURED_SCALES scales from the pre-train scale to the rule's fine-tune scale (geometric), and
+# the largest whose box AP is within MEASURE_TOLERANCE of the best is kept (the slice is small:
+# a larger scale within its noise is preferred, it sees the small objects better).
+MEASURE_MIN_CHANGE = 1.25
+MEASURED_SCALES = 3
+MEASURE_TOLERANCE = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +395,36 @@ def batch_and_lr(phase: str, batch: int | None = None, why: str = "") -> list[Ch
             f"batch {batch}",
         ),
     ]
+
+
+def finetune_candidates(pretrain: float, finetune: float) -> list[float]:
+    """The fine-tune scales to measure, from the pre-train scale to the rule's fine-tune scale
+    (geometric); the rule's scale alone when they are close."""
+    if finetune < pretrain * MEASURE_MIN_CHANGE:
+        return [finetune]
+    step = (finetune / pretrain) ** (1 / (MEASURED_SCALES - 1))
+    return [round(pretrain * step**i, 4) for i in range(MEASURED_SCALES - 1)] + [finetune]
+
+
+def pick_measured_scale(scales: list[float], box_ap: list[float | None], images: int) -> Choice:
+    """The largest of ``scales`` whose measured box AP is within ``MEASURE_TOLERANCE`` of the
+    best; the rule's (last) scale when nothing scored."""
+    measured = "; ".join(
+        f"x{s:.2f}: {'nan' if ap is None else f'{ap:.1f}'}" for s, ap in zip(scales, box_ap)
+    )
+    figure = f"box AP of the pre-trained model on the {images}-image validation slice {measured}"
+    scored = [(s, ap) for s, ap in zip(scales, box_ap) if ap is not None]
+    best = max((ap for _, ap in scored), default=0.0)
+    if best <= 0:
+        return Choice(
+            "scale", scales[-1], "the rule's scale: the measurement scored nothing", figure
+        )
+    chosen = max(s for s, ap in scored if ap >= MEASURE_TOLERANCE * best)
+    rule = (
+        f"measured: the largest scale within {MEASURE_TOLERANCE:.0%} of the best box AP on the "
+        "validation slice"
+    )
+    return Choice("scale", chosen, rule, figure)
 
 
 def schedule_split(scale_change: float) -> Choice:
