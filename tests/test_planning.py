@@ -467,3 +467,17 @@ def test_the_fine_tune_scale_is_measured_on_the_validation_slice(synthetic_data,
     # the rule's scale measured best: kept, the measurement recorded, the sizes unchanged
     kept = replan_after(system, cfg, plan, "PRETRAIN", on_time, _Scorer(512), dicts, calibrate)
     assert kept["values"] == {} and kept["measured"]["value"] == high and "kept" in kept["reason"]
+
+
+def test_a_harmful_anchor_of_yours_is_warned_once(synthetic_data, tmp_path, caplog):
+    from direct_pretrain.pipeline import prepare_run
+
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.5
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[512], [1024], [2048], [4096], [8192]]
+    cfg.freeze()
+    user = {"MODEL.ANCHOR_GENERATOR.SIZES": "the command line"}
+    with caplog.at_level(logging.WARNING):
+        prepare_run(cfg, user)
+    warned = [r for r in caplog.records if "MODEL.ANCHOR_GENERATOR.SIZES" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]

@@ -570,15 +570,16 @@ def _budget_used(plan: dict, phases: dict) -> dict:
     return budget
 
 
-def _describe(system: ConfigSystem, cfg, dicts: list[dict]) -> None:
+def _describe(system: ConfigSystem, cfg, dicts: list[dict], plan: dict | None = None) -> None:
     """The training set against each phase's sizes and the anchors (``fingerprint.json``,
-    ``report/box_sizes.png``), logged."""
+    ``report/box_sizes.png``), logged (a warning the ``plan`` gave is not repeated)."""
     train_names = system.split_names(cfg)[0]
     phases = [system.resolve(cfg, name) for name in active_phases(cfg)]
     classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
     fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
     describe_data(dicts, phases, classes, fingerprint)
-    describe_anchors(system, cfg, dicts, system.output_dir(cfg))
+    warned = [c["key"] for c in (plan or {}).get("choices", []) if c.get("warning")]
+    describe_anchors(system, cfg, dicts, system.output_dir(cfg), warned)
 
 
 def prepare_run(cfg, user_keys: dict | None = None):
@@ -604,9 +605,9 @@ def prepare_run(cfg, user_keys: dict | None = None):
         user = default_user_keys(cfg) if user_keys is None else user_keys
         dicts = system.train_dicts(cfg)
         digests = dataset_fingerprints(system.split_names(cfg)[0])
-        cfg, _ = planned_config(system, cfg, dicts, user, digests)  # on every process
+        cfg, plan = planned_config(system, cfg, dicts, user, digests)  # on every process
         if comm.is_main_process():
-            _describe(system, cfg, dicts)
+            _describe(system, cfg, dicts, plan)
     return cfg, num_images, val_slice
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Iterable
 
 from detectron2.utils import comm
 
@@ -122,9 +123,12 @@ def planned_config(
     return apply_plan(system, cfg, plan), plan
 
 
-def describe_anchors(system: ConfigSystem, cfg, dicts: list[dict], output_dir: str) -> dict:
-    """Anchor recall at each active phase's training scale (warned when low) and the box-size
-    figure ``report/box_sizes.png``; returns ``{phase: recall}`` (empty without anchors)."""
+def describe_anchors(
+    system: ConfigSystem, cfg, dicts: list[dict], output_dir: str, warned: Iterable[str] = ()
+) -> dict:
+    """Anchor recall at each active phase's training scale (warned when low, unless the anchor
+    key is in ``warned``: the plan said it) and the box-size figure ``report/box_sizes.png``;
+    returns ``{phase: recall}`` (empty without anchors)."""
     data = DataFigures.of(dicts)
     height, width = data.image_size
     scales = {n: system.resolve(cfg, n).train_scale(height, width) for n in active_phases(cfg)}
@@ -138,7 +142,7 @@ def describe_anchors(system: ConfigSystem, cfg, dicts: list[dict], output_dir: s
         recall = {n: anchor_recall(data.box_wh * s, sizes, ratios) for n, s in scales.items()}
         logger.info("Anchors %s: %s", sizes, recall_text(recall))
         warning = anchor_warning(sizes_key, sizes, recall) if len(data.sides) else ""
-        if warning:
+        if warning and sizes_key not in warned:
             logger.warning("%s.", warning)
     plot_box_sizes(
         data.sides, scales, anchors, strides, recall, os.path.join(output_dir, BOX_SIZES_FIGURE)
