@@ -100,7 +100,8 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
     with caplog.at_level(logging.INFO):
         summary = run_pipeline(cfg)  # the same command: every phase is skipped
     message = (
-        "Phase FINETUNE ends below phase PRETRAIN on the validation slice (AP 10.0 vs 50.0): the "
+        "Phase FINETUNE ends below phase PRETRAIN on the validation slice (AP 10.0 vs 50.0, under "
+        "90% of it): the "
         "run's final model is PRETRAIN's (both kept in their folders)"
     )
     assert message in caplog.messages and message in summary["warnings"]
@@ -121,6 +122,12 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
     index = (tmp_path / "report" / "index.md").read_text()
     assert "**Final model: PRETRAIN's, not the last phase's**" in index and message in index
     assert load_run(tmp_path, device="cpu").INPUT.MIN_SIZE_TEST == 32  # predict.py --run
+    # Within the slice's noise (90% of the best), the last phase's model stays the run's.
+    cache = tmp_path / "finetune" / "val_slice_eval.json"
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "results": {"bbox": {"AP": 46}}}))
+    with caplog.at_level(logging.INFO):
+        assert run_pipeline(cfg)["final_phase"] == "FINETUNE"
+    assert any("within 90% of it, the slice's noise" in m for m in caplog.messages)
     # An evaluation interrupted before its file was written, or of another model, is redone.
     (tmp_path / "pretrain" / "val_slice_eval.json").unlink()
     cache = tmp_path / "finetune" / "val_slice_eval.json"

@@ -25,6 +25,7 @@ from .checkpoint import checksum_path
 from .config_systems import ConfigSystem
 from .data.val_slice import (
     MIN_TRAIN_IMAGES,
+    SLICE_TOLERANCE,
     ValSlice,
     carve_val_slice,
     slice_of,
@@ -203,8 +204,8 @@ def choose_final_phase(
     system: ConfigSystem, cfg, names: list[str], val_slice: ValSlice | None
 ) -> FinalChoice:
     """The phase among ``names`` (the run's, in order, all finished) whose final model is the
-    run's: the last one, unless an earlier detector phase scores a higher box AP on the
-    validation slice (said loudly in the log and in the warnings). Call it in every process.
+    run's: the last one, unless it scores under ``SLICE_TOLERANCE`` of an earlier detector
+    phase's box AP on the validation slice (said loudly in the log and in the warnings). Call it in every process.
 
     ``cfg`` is the pipeline config training without the slice (:func:`hold_out_val_slice`).
     Without a slice, or with fewer than two detector phases ending in the last one, nothing is
@@ -245,10 +246,22 @@ def choose_final_phase(
     best = max(earlier, key=scores.get, default=None)
     if best is None or (scores[last] is not None and scores[last] >= scores[best]):
         return FinalChoice(last, record, [])
+    if scores[last] is not None and scores[last] >= SLICE_TOLERANCE * scores[best]:
+        logger.info(
+            "Phase %s scores %s on the validation slice against phase %s's %s: within %.0f%% of "
+            "it, the slice's noise; the run's final model is the last phase's.",
+            last,
+            _ap_text(scores[last]),
+            best,
+            _ap_text(scores[best]),
+            100 * SLICE_TOLERANCE,
+        )
+        return FinalChoice(last, record, [])
     message = (
         f"Phase {last} ends below phase {best} on the validation slice (AP "
-        f"{_ap_text(scores[last])} vs {_ap_text(scores[best])}): the run's final model is "
-        f"{best}'s (both kept in their folders)"
+        f"{_ap_text(scores[last])} vs {_ap_text(scores[best])}, under "
+        f"{SLICE_TOLERANCE:.0%} of it): the run's final model is {best}'s (both kept in their "
+        "folders)"
     )
     logger.warning(message)
     return FinalChoice(best, record, [message])

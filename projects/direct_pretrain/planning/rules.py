@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..data.fingerprint import box_sizes
+from ..data.val_slice import SLICE_TOLERANCE
 
 __all__ = [
     "Choice",
@@ -91,7 +92,7 @@ LARGE_SCALE_CHANGE = 2.5
 # a larger scale within its noise is preferred, it sees the small objects better).
 MEASURE_MIN_CHANGE = 1.25
 MEASURED_SCALES = 3
-MEASURE_TOLERANCE = 0.9
+MEASURE_TOLERANCE = SLICE_TOLERANCE
 
 
 @dataclasses.dataclass(frozen=True)
