@@ -134,6 +134,7 @@ def collect(out: Path, datasets: list[str], seeds: list[int]) -> dict:
                 result = collect_run(run, clock="cpu")
                 summary = json.loads((run / "summary.json").read_text())
                 result["phases"] = {p: v["AP"] for p, v in summary["phases"].items()}
+                result["final"] = summary.get("final_phase") or list(summary["phases"])[-1]
                 if method == "planned":
                     result["plan"] = plan_of(run)
                 results[(dataset, method, seed)] = result
@@ -163,8 +164,12 @@ def report(results: dict, datasets: list[str], figure: str | None) -> str:
                     _mean_spread([r["AP50"] for r in runs]),
                     _mean_spread([r["train_cpu_seconds"] / 60 for r in runs]),
                     _mean_spread([r["train_seconds"] / 60 for r in runs]),
-                    "; ".join(f"{p} {ap:.1f}" for p, ap in runs[0]["phases"].items()),
-                    json.dumps(runs[0].get("plan", "")),
+                    " / ".join(
+                        "; ".join(f"{p} {ap:.1f}" for p, ap in r["phases"].items())
+                        + f" (final {r['final']})"
+                        for r in runs
+                    ),
+                    " / ".join(json.dumps(r["plan"]) for r in runs if "plan" in r),
                 ]
             )
     headers = [
@@ -175,7 +180,7 @@ def report(results: dict, datasets: list[str], figure: str | None) -> str:
         "AP50",
         "training CPU min",
         "training wall min",
-        "phases (first seed)",
+        "phases per seed (final model)",
         "plan",
     ]
     if figure:

@@ -441,11 +441,24 @@ class _Scorer:
         return 20.0 - abs(min_size_test - self.best) / 10
 
 
-def test_the_fine_tune_scale_is_measured_on_the_validation_slice(synthetic_data, tmp_path):
+def test_a_long_fine_tune_keeps_the_rules_scale_unmeasured(synthetic_data, tmp_path):
     cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=10.0)
-    system = system_of(cfg)
     dicts = _dataset([(512, 512)], (18, 60))
     plan, _ = _plan(dicts, cfg=cfg, budget=10.0)
+    assert plan["budget_seconds"]["FINETUNE"] / 0.5 >= 100  # iterations at the rule's scale
+    on_time = {"wall_seconds": plan["budget_seconds"]["PRETRAIN"], "iterations": 1}
+    on_time["iterations"] = plan["budget_seconds"]["PRETRAIN"] / 0.5
+    scorer = _Scorer(224)
+    assert replan_after(system_of(cfg), cfg, plan, "PRETRAIN", on_time, scorer, dicts) is None
+    assert scorer.calls == []
+
+
+def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, tmp_path):
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=1.5)
+    system = system_of(cfg)
+    dicts = _dataset([(512, 512)], (18, 60))
+    plan, _ = _plan(dicts, cfg=cfg, budget=1.5)
+    assert plan["budget_seconds"]["FINETUNE"] / 0.5 < 100
     low, high = plan["scales"]["PRETRAIN"], plan["scales"]["FINETUNE"]
     assert high / low > 1.5
     on_time = {"wall_seconds": plan["budget_seconds"]["PRETRAIN"], "iterations": 1}

@@ -31,6 +31,7 @@ from ..phases import active_phases
 from ..run_folder import PHASE_SAFE_KEYS
 from ..utils.io import atomic_write_text, plain
 from .rules import (
+    ADAPT_ITERATIONS,
     CPU_BATCH,
     GPU_BATCH_CAP,
     Choice,
@@ -464,7 +465,20 @@ def replan_after(
         f"(planned {plan['budget_seconds'][phase]:.0f} s)"
     )
     entry = {"phase": phase, "seconds": round(seconds, 1)}
-    if measure is not None and dicts is not None and _measurable(plan, done, phase):
+    speed = plan["calibration"][phase]["seconds_per_iter"] * drift
+    measurable = measure is not None and dicts is not None and _measurable(plan, done, phase)
+    if measurable and seconds / speed >= ADAPT_ITERATIONS:
+        measurable = False
+        if comm.is_main_process():
+            logger.info(
+                "Plan: phase %s gets %.0f iterations at scale %.2f, at least %d: enough to adapt "
+                "to the change of scale; the scale is not measured.",
+                phase,
+                seconds / speed,
+                plan["scales"][phase],
+                ADAPT_ITERATIONS,
+            )
+    if measurable:
         choice = _measured_scale(plan, done, phase, DataFigures.of(dicts), measure)
         entry["measured"] = {**choice.row(), "phase": done}
         if choice.value != plan["scales"][phase]:
@@ -482,7 +496,6 @@ def replan_after(
         <= REPLAN_TOLERANCE * plan["budget_seconds"][phase]
     ):
         return {**entry, "values": {}, "reason": timing} if "measured" in entry else None
-    speed = plan["calibration"][phase]["seconds_per_iter"] * drift
     batch = plan["calibration"][phase]["ims_per_batch"]
     choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])
     values = {_phase_key(phase, c.key): plain(c.value) for c in choices}
