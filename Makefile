@@ -30,7 +30,7 @@ demo: setup
 	$(PY) tools/whole_image_demo.py --run $(DEMO_OUTPUT)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) output

@@ -20,6 +20,13 @@ from direct_pretrain import get_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest-xdist workers: each gets its share of the cores (in-process and
+# for the train_net.py subprocesses), or their threads would oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def write_synthetic_coco(
     folder: Path, num_images: int, size: int, seed: int, num_classes: int = 1
