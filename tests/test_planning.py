@@ -277,6 +277,10 @@ def test_the_next_phase_is_replanned_when_the_previous_one_ran_slower(synthetic_
     assert epochs < plan["values"]["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] / 2
     assert "1.50x the calibrated time" in replanned["reason"]
     assert replanned == replan_after(system, cfg, plan, "PRETRAIN", slow)  # deterministic
+    # here the pre-training took the whole budget: the fine-tune runs its minimum, said loudly
+    assert replanned["seconds"] == 0 and "under 10 iterations: it runs 10" in replanned["warning"]
+    slightly = {**slow, "wall_seconds": 1.2 * on_time["wall_seconds"] + 30}
+    assert "warning" not in replan_after(system, cfg, plan, "PRETRAIN", slightly)
 
 
 def test_plan_only_prints_the_plan_and_trains_nothing(synthetic_data, tmp_path):

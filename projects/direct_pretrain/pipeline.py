@@ -481,6 +481,7 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
     final_model = os.path.join(system.output_dir(pcfg), FINAL_MODEL)
     summary["final_phase"], summary["val_slice"] = name, choice.val_slice
     summary["warnings"] = [
+        *(r["warning"] for r in (plan or {}).get("replanned", {}).values() if r.get("warning")),
         *worse_than_earlier(summary["phases"], system.split_names(cfg)[1], name),
         *choice.warnings,
     ]
@@ -537,6 +538,8 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     if comm.is_main_process():
         write_plan(os.path.join(system.output_dir(cfg), PLAN_FILE), plan)
         logger.info("Plan: %s: %s", replanned["reason"], replanned["values"])
+        if replanned.get("warning"):
+            logger.warning("Plan: %s.", replanned["warning"])
     return apply_plan(system, cfg, plan)
 
 

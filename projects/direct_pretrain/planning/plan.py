@@ -32,6 +32,7 @@ from ..run_folder import PHASE_SAFE_KEYS
 from ..utils.io import atomic_write_text, plain
 from .rules import (
     ADAPT_ITERATIONS,
+    MIN_ITERATIONS,
     CPU_BATCH,
     GPU_BATCH_CAP,
     Choice,
@@ -405,13 +406,15 @@ def _schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None
     for phase in free:
         planned = system.resolve(planned_cfg, phase)
         speed = calibration[phase]["seconds_per_iter"]
-        if seconds[phase] < 10 * speed:
+        if seconds[phase] < MIN_ITERATIONS * speed:
             logger.warning(
-                "Plan: phase %s gets %.0f s of the budget, under 10 iterations (%.1f s each): "
-                "it runs 10.",
+                "Plan: phase %s gets %.0f s of the budget, under %d iterations (%.1f s each): "
+                "it runs %d.",
                 phase,
                 seconds[phase],
+                MIN_ITERATIONS,
                 speed,
+                MIN_ITERATIONS,
             )
         for choice in phase_schedule(
             phase, seconds[phase], speed, planned.IMS_PER_BATCH, inputs["num_images"]
@@ -466,6 +469,13 @@ def replan_after(
     )
     entry = {"phase": phase, "seconds": round(seconds, 1)}
     speed = plan["calibration"][phase]["seconds_per_iter"] * drift
+    if seconds < MIN_ITERATIONS * speed:
+        entry["warning"] = (
+            f"phase {done} took {used:.0f} s of the budget ({drift:.2f}x its calibrated time per "
+            f"iteration: was the machine shared?), leaving phase {phase} {seconds:.0f} s, under "
+            f"{MIN_ITERATIONS} iterations: it runs {MIN_ITERATIONS} and may end below phase "
+            f"{done}; raise DIRECT_PRETRAIN.BUDGET_MINUTES or train on an idle machine"
+        )
     measurable = measure is not None and dicts is not None and _measurable(plan, done, phase)
     if measurable and seconds / speed >= ADAPT_ITERATIONS:
         measurable = False

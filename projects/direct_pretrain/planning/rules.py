@@ -25,6 +25,7 @@ __all__ = [
     "PT_FLOOR",
     "PT_MIN_RATIO",
     "LOW_ANCHOR_RECALL",
+    "MIN_ITERATIONS",
     "anchor_recall",
     "anchor_warning",
     "budget_crop",
@@ -78,6 +79,8 @@ GPU_BATCH_CAP = {"PRETRAIN": 64, "FINETUNE": 16}
 # the phase trains on smaller random crops at the same scale (not below MIN_CROP px).
 MIN_EPOCHS = {"PRETRAIN": 12.0, "FINETUNE": 3.0}
 MIN_CROP = 128
+# A phase runs at least this many iterations, whatever its share of the budget.
+MIN_ITERATIONS = 10
 # Warmup iterations at least, also in a shorter phase (the demo's pre-training: 13 diverged
 # from scratch at LR 0.02, in the plan study and on a new 3-class dataset).
 MIN_WARMUP = 50
@@ -457,7 +460,7 @@ def phase_schedule(
     phase: str, seconds: float, seconds_per_iter: float, batch: int, num_images: int
 ) -> list[Choice]:
     """EPOCHS, LR steps, warmup, evaluation and checkpoint periods filling ``seconds``."""
-    iters = max(10, int(seconds / seconds_per_iter))
+    iters = max(MIN_ITERATIONS, int(seconds / seconds_per_iter))
     epochs = round(iters * batch / max(1, num_images), 2)
     figure = f"{seconds / 60:.1f} min at {seconds_per_iter:.2f} s/iteration: {iters} iterations"
     steps = () if phase == "PRETRAIN" else (round(0.75 * epochs, 2),)
@@ -480,7 +483,7 @@ def phase_schedule(
         Choice("EVAL_PERIOD", max(1, iters // 4), "4 evaluations along the phase (not counted)"),
         Choice(
             "CHECKPOINT_PERIOD",
-            max(10, min(iters, int(300 / seconds_per_iter))),
+            max(MIN_ITERATIONS, min(iters, int(300 / seconds_per_iter))),
             "a checkpoint every 5 minutes of training",
         ),
     ]
