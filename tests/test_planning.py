@@ -452,9 +452,10 @@ def test_a_long_fine_tune_keeps_the_rules_scale_unmeasured(synthetic_data, tmp_p
     assert plan["budget_seconds"]["FINETUNE"] / 0.5 >= 100  # iterations at the rule's scale
     on_time = {"wall_seconds": plan["budget_seconds"]["PRETRAIN"], "iterations": 1}
     on_time["iterations"] = plan["budget_seconds"]["PRETRAIN"] / 0.5
-    scorer = _Scorer(224)
-    assert replan_after(system_of(cfg), cfg, plan, "PRETRAIN", on_time, scorer, dicts) is None
-    assert scorer.calls == []
+    scorer, loads = _Scorer(224), []
+    load = lambda: loads.append(1) or dicts  # noqa: E731
+    assert replan_after(system_of(cfg), cfg, plan, "PRETRAIN", on_time, scorer, load) is None
+    assert scorer.calls == [] and loads == []  # neither measured nor the training set loaded
 
 
 def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, tmp_path):
@@ -470,7 +471,8 @@ def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, t
     middle = finetune_candidates(low, high)[1]
     side = 32 * round(512 * middle / 32)  # sizes are multiples of 32 px
     scorer, calibrate = _Scorer(side), _calibrate(0.25)
-    replanned = replan_after(system, cfg, plan, "PRETRAIN", on_time, scorer, dicts, calibrate)
+    load = lambda: dicts  # noqa: E731
+    replanned = replan_after(system, cfg, plan, "PRETRAIN", on_time, scorer, load, calibrate)
     assert len(scorer.calls) == 3 and scorer.calls == sorted(scorer.calls)
     assert replanned["scale"] == middle and calibrate.calls == ["FINETUNE"]
     values = _values(replanned)
@@ -482,7 +484,7 @@ def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, t
     again = apply_plan(system, cfg, {**plan, "replanned": {"FINETUNE": replanned}})
     assert again.DIRECT_PRETRAIN.FINETUNE.MIN_SIZE_TEST == side
     # the rule's scale measured best: kept, the measurement recorded, the sizes unchanged
-    kept = replan_after(system, cfg, plan, "PRETRAIN", on_time, _Scorer(512), dicts, calibrate)
+    kept = replan_after(system, cfg, plan, "PRETRAIN", on_time, _Scorer(512), load, calibrate)
     assert kept["values"] == {} and kept["measured"]["value"] == high and "kept" in kept["reason"]
 
 

@@ -205,7 +205,8 @@ def choose_final_phase(
 ) -> FinalChoice:
     """The phase among ``names`` (the run's, in order, all finished) whose final model is the
     run's: the last one, unless it scores under ``SLICE_TOLERANCE`` of an earlier detector
-    phase's box AP on the validation slice (said loudly in the log and in the warnings). Call it in every process.
+    phase's box AP on the validation slice (said loudly in the log and in the warnings). Call it
+    in every process.
 
     ``cfg`` is the pipeline config training without the slice (:func:`hold_out_val_slice`).
     Without a slice, or with fewer than two detector phases ending in the last one, nothing is

@@ -19,6 +19,7 @@ main process writes files; the others wait for it). Each phase's settings come f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -525,12 +526,12 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     record = read_done(folder)
     if record is None:
         return cfg
-    measure, dicts = None, None
+    measure = None
     if val_slice is not None:
         weights = os.path.join(folder, record["final_model"])
         measure = SliceScorer(system, cfg, previous, weights, val_slice.images)
-        dicts = system.train_dicts(cfg)
-    replanned = replan_after(system, cfg, plan, previous, record, measure, dicts)
+    train_dicts = functools.partial(system.train_dicts, cfg)  # loaded only to measure
+    replanned = replan_after(system, cfg, plan, previous, record, measure, train_dicts)
     replanned = comm.all_gather(replanned)[0]  # timed in each process: the main one's
     if replanned is None:
         return cfg

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import yaml
@@ -437,16 +437,18 @@ def replan_after(
     done: str,
     record: dict,
     measure: SliceScorer | None = None,
-    dicts: list[dict] | None = None,
+    train_dicts: Callable[[], list[dict]] | None = None,
     calibrate=time_steps,
 ) -> dict | None:
     """Re-plan the phase after ``done`` once ``done`` finished (its ``phase_done.json``
     ``record``); None if nothing changes.
 
     Its length follows the training seconds ``done`` really took, so that the budget holds.
-    With ``measure`` (scores ``done``'s model on the validation slice at a test size) and the training set ``dicts``, a fine-tune whose sizes the plan set gets
-    the scale measured best (:func:`.rules.pick_measured_scale`): its sizes, RoIs and length are
-    planned again at that scale and timed. Saved in ``plan.yaml``, a re-plan is kept on rerun.
+    With ``measure`` (scores ``done``'s model on the validation slice at a test size) and
+    ``train_dicts`` (loads the training set, only when a measurement is due), a short fine-tune
+    whose sizes the plan set gets the scale measured best (:func:`.rules.pick_measured_scale`):
+    its sizes, RoIs and length are planned again at that scale and timed. Saved in
+    ``plan.yaml``, a re-plan is kept on rerun.
     """
     phases = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = phases.index(done) if done in phases else -1
@@ -476,7 +478,8 @@ def replan_after(
             f"{MIN_ITERATIONS} iterations: it runs {MIN_ITERATIONS} and may end below phase "
             f"{done}; raise DIRECT_PRETRAIN.BUDGET_MINUTES or train on an idle machine"
         )
-    measurable = measure is not None and dicts is not None and _measurable(plan, done, phase)
+    measurable = measure is not None and train_dicts is not None
+    measurable = measurable and _measurable(plan, done, phase)
     if measurable and seconds / speed >= ADAPT_ITERATIONS:
         measurable = False
         if comm.is_main_process():
@@ -489,11 +492,12 @@ def replan_after(
                 ADAPT_ITERATIONS,
             )
     if measurable:
-        choice = _measured_scale(plan, done, phase, DataFigures.of(dicts), measure)
+        data = DataFigures.of(train_dicts())
+        choice = _measured_scale(plan, done, phase, data, measure)
         entry["measured"] = {**choice.row(), "phase": done}
         if choice.value != plan["scales"][phase]:
             values, speed = _plan_at_scale(
-                system, cfg, plan, phase, choice.value, seconds, dicts, calibrate
+                system, cfg, plan, phase, choice.value, seconds, data, calibrate
             )
             reason = (
                 f"{timing} at scale {choice.value:.2f}, {choice.rule} ({choice.figure}), "
@@ -537,10 +541,9 @@ def _measured_scale(plan: dict, done: str, phase: str, data: DataFigures, measur
     return pick_measured_scale(scales, box_ap, measure.images)
 
 
-def _plan_at_scale(system, cfg, plan, phase, scale, seconds, dicts, calibrate):
+def _plan_at_scale(system, cfg, plan, phase, scale, seconds, data: DataFigures, calibrate):
     """``phase``'s sizes, RoIs and length at ``scale`` filling ``seconds``, timed; the values
     and the seconds per iteration."""
-    data = DataFigures.of(dicts)
     inputs = plan["inputs"]
     planner = _Planner(system, apply_plan(system, cfg, plan), {})
     for choice in finetune_sizes(data, scale, inputs["device"]):
