@@ -488,6 +488,33 @@ def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, t
     assert kept["values"] == {} and kept["measured"]["value"] == high and "kept" in kept["reason"]
 
 
+def test_a_starved_phase_is_warned_once(synthetic_data, tmp_path, caplog):
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=1.5)
+    system, dicts = system_of(cfg), _dataset([(512, 512)], (18, 60))
+    with caplog.at_level(logging.WARNING):
+        plan = make_plan(
+            system, cfg, dicts, {}, plan_inputs(system, cfg, {"d": "x"}, {}, 40), _calibrate(9.0)
+        )
+    assert [m for m in caplog.messages if "under 10 iterations" in m]  # the plan says it
+    caplog.clear()
+    overran = {"wall_seconds": 90.0, "eval_seconds": 0, "iterations": 5}  # the whole budget
+    scorer = _Scorer(
+        32
+        * round(
+            512
+            * finetune_candidates(plan["scales"]["PRETRAIN"], plan["scales"]["FINETUNE"])[1]
+            / 32
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        starved = replan_after(
+            system, cfg, plan, "PRETRAIN", overran, scorer, lambda: dicts, _calibrate(9.0)
+        )
+    assert starved["seconds"] == 0 and "under 10 iterations" in starved["warning"]
+    assert "scale" in starved  # measured and re-planned at another scale, ...
+    assert not [m for m in caplog.messages if "under 10 iterations" in m]  # ... said once
+
+
 def test_a_harmful_anchor_of_yours_is_warned_once(synthetic_data, tmp_path, caplog):
     from direct_pretrain.pipeline import prepare_run
 

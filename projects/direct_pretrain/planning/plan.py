@@ -255,6 +255,18 @@ def make_plan(
                 planner, data, phase, scales[phase], budget[phase], calibration, inputs, calibrate
             )
     _schedules(planner, system, cfg, free, budget, calibration, inputs)
+    for phase in free:
+        speed = calibration[phase]["seconds_per_iter"]
+        if budget[phase] < MIN_ITERATIONS * speed:
+            logger.warning(
+                "Plan: phase %s gets %.0f s of the budget, under %d iterations (%.1f s each): "
+                "it runs %d.",
+                phase,
+                budget[phase],
+                MIN_ITERATIONS,
+                speed,
+                MIN_ITERATIONS,
+            )
     return {
         "inputs": inputs,
         "fingerprint": {
@@ -406,16 +418,6 @@ def _schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None
     for phase in free:
         planned = system.resolve(planned_cfg, phase)
         speed = calibration[phase]["seconds_per_iter"]
-        if seconds[phase] < MIN_ITERATIONS * speed:
-            logger.warning(
-                "Plan: phase %s gets %.0f s of the budget, under %d iterations (%.1f s each): "
-                "it runs %d.",
-                phase,
-                seconds[phase],
-                MIN_ITERATIONS,
-                speed,
-                MIN_ITERATIONS,
-            )
         for choice in phase_schedule(
             phase, seconds[phase], speed, planned.IMS_PER_BATCH, inputs["num_images"]
         ):
