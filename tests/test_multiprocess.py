@@ -86,3 +86,35 @@ def test_two_processes_plan_in_step_and_keep_the_main_process_plan(synthetic_dat
         epochs = replanned["values"].get("DIRECT_PRETRAIN.FINETUNE.EPOCHS", epochs)
     assert keys["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] == epochs
     assert json.loads((tmp_path / "summary.json").read_text())["budget"]["minutes"] == 0.1
+
+
+def _slow_machine_worker(cfg) -> None:
+    """A budgeted run whose calibration says 10 ms per iteration (20 ms on process 1)."""
+    import functools
+
+    from direct_pretrain import pipeline
+    from direct_pretrain.planning import planned_config
+
+    seconds = 0.01 * (1 + comm.get_rank())
+
+    def calibrate(pcfg):
+        return {"seconds_per_iter": seconds, "peak_mb": 0.0, "steps": 1}
+
+    pipeline.planned_config = functools.partial(planned_config, calibrate=calibrate)
+    run_pipeline(cfg, user_keys={})
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_two_processes_keep_pace_together(synthetic_data, tmp_path):
+    """The machine is far slower than calibrated: both processes stop at the main process's
+    iteration and resume with its re-planned length."""
+    skip_without_cpu_multiprocess(ddp=True)
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.2
+    launch(_slow_machine_worker, 2, dist_url="auto", args=(cfg,))
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    assert plan["calibration"]["PRETRAIN"]["seconds_per_iter"] == 0.01  # the main process's
+    iterations = plan["paced"]["PRETRAIN"][-1]["values"]["DIRECT_PRETRAIN.PRETRAIN.MAX_ITER"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["phases"]["PRETRAIN"]["iterations"] == iterations < 100

@@ -10,10 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from direct_pretrain.config import get_cfg
 from direct_pretrain.config_systems import system_of
+from direct_pretrain.engine import BudgetPace, PaceChanged
+from direct_pretrain.pipeline import PhaseStateError
 from direct_pretrain.planning import (
     PLAN_FILE,
     PlanChangedError,
@@ -527,3 +530,104 @@ def test_a_harmful_anchor_of_yours_is_warned_once(synthetic_data, tmp_path, capl
         prepare_run(cfg, user)
     warned = [r for r in caplog.records if "MODEL.ANCHOR_GENERATOR.SIZES" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
+class _Clock:
+    """A phase timer whose training seconds the test sets."""
+
+    def __init__(self) -> None:
+        self.seconds, self.eval_seconds = 0.0, 0.0
+
+
+class _Trainer:
+    def __init__(self, max_iter: int) -> None:
+        self.iter, self.max_iter = 0, max_iter
+        self.model = torch.nn.Linear(1, 1)
+
+
+class _Saver:
+    def __init__(self) -> None:
+        self.saved = []
+
+    def save(self, name, iteration):
+        self.saved.append((name, iteration))
+
+
+def _pace(budget, max_iter, seconds_per_iter, iterations, start=0, slow_after=None, factor=3):
+    """Run a :class:`BudgetPace` over ``iterations`` steps of a fake phase; the PaceChanged
+    raised (or None) and the checkpoints saved."""
+    clock, saver, trainer = _Clock(), _Saver(), _Trainer(max_iter)
+    hook = BudgetPace(saver, clock, budget)
+    hook.trainer = trainer
+    clock.seconds = start * seconds_per_iter
+    hook.before_train()
+    for it in range(start, start + iterations):
+        trainer.iter = it
+        slow = slow_after is not None and it >= slow_after
+        clock.seconds += seconds_per_iter * (factor if slow else 1)
+        try:
+            hook.after_step()
+        except PaceChanged as change:
+            return change, saver.saved
+    return None, saver.saved
+
+
+def test_a_phase_that_slows_down_is_replanned_to_fit_its_budget():
+    # on pace: 100 iterations of 1 s in 100 s, checked at 25 and 50 s
+    assert _pace(100.0, 100, 1.0, 100) == (None, [])
+    # 3x slower from iteration 10: at 25 s (iteration 15) 5 slow iterations measured...
+    change, saved = _pace(100.0, 100, 1.0, 100, slow_after=10)
+    # ... since the first step: (25 - 1) s / 14 iterations; 75 s left fit 43 more
+    assert (change.done, change.planned) == (15, 100)
+    assert change.seconds_per_iter == pytest.approx(24 / 14)
+    assert change.iterations == 15 + int(75 / (24 / 14))
+    assert saved == [("model_0000014", 14)]  # the checkpoint the phase resumes from
+    # faster than planned: more iterations fit
+    change, _ = _pace(100.0, 50, 1.0, 50)
+    assert change.iterations == 25 + int(75 / 1.0) and change.planned == 50
+    # a resumed phase past both checks keeps its length
+    assert _pace(100.0, 100, 3.0, 10, start=40) == (None, [])
+    # an iteration that takes the whole budget: a third more iterations than done at least (an
+    # LR step at 3/4 of the phase stays ahead)
+    change, _ = _pace(10.0, 1000, 1.0, 100, slow_after=4, factor=20)
+    assert (change.done, change.iterations) == (5, 7)
+
+
+def test_a_budgeted_run_keeps_pace_with_a_machine_slower_than_its_calibration(
+    synthetic_data, tmp_path, monkeypatch, caplog
+):
+    """The calibration says 10 ms per iteration, the machine is much slower: the pre-training
+    stops a quarter into its budget and resumes with the length that fits, saved in the plan;
+    a rerun continues the folder, also one stopped before it remembered the new length."""
+    import functools
+
+    from direct_pretrain import pipeline
+
+    monkeypatch.setattr(
+        pipeline, "planned_config", functools.partial(planned_config, calibrate=_calibrate(0.01))
+    )
+    cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=0.2)
+    with caplog.at_level(logging.WARNING):
+        summary = pipeline.run_pipeline(cfg, user_keys={})
+    plan = yaml.safe_load((tmp_path / PLAN_FILE).read_text())
+    changes = plan["paced"]["PRETRAIN"]
+    planned = int(plan["budget_seconds"]["PRETRAIN"] / 0.01)
+    iterations = changes[-1]["values"]["DIRECT_PRETRAIN.PRETRAIN.MAX_ITER"]
+    assert iterations < planned / 4 and "x its calibration" in changes[0]["reason"]
+    assert f"instead of {planned}" in changes[0]["reason"] and "trains at" in caplog.text
+    assert summary["phases"]["PRETRAIN"]["iterations"] == iterations
+    keys_file = tmp_path / "pretrain" / "phase_keys.json"
+    assert json.loads(keys_file.read_text())["DIRECT_PRETRAIN.PRETRAIN.MAX_ITER"] == iterations
+    assert summary["budget"]["paced"]["PRETRAIN"] == [c["reason"] for c in changes]
+    assert "Re-planned during training" in (tmp_path / "report" / "index.md").read_text()
+    # stopped after saving the re-plan, before the folder remembered it: continued
+    system = system_of(cfg)
+    planned_cfg = apply_plan(system, cfg, plan)
+    num_images = plan["inputs"]["num_images"]
+    before = pipeline._before_last_pace(system, planned_cfg, plan, "PRETRAIN", num_images)
+    keys_file.write_text(json.dumps(pipeline._phase_keys(system, before, {})))
+    pipeline._check_same_config(system, before, {}, None)
+    saved = pipeline._phase_config(system, planned_cfg, "PRETRAIN", num_images)[1]
+    pipeline._check_same_config(system, saved, {}, before)
+    with pytest.raises(PhaseStateError, match="MAX_ITER"):
+        pipeline._check_same_config(system, saved, {}, None)

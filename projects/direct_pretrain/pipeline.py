@@ -46,7 +46,7 @@ from .config_systems import changed_direct_pretrain_keys as default_user_keys
 from .config_systems import system_of
 from .data.datasets import cache_dir, register_named_datasets
 from .data.pixel_stats import dataset_pixel_stats
-from .engine import build_trainer, evaluate
+from .engine import BudgetPace, PaceChanged, build_trainer, evaluate
 from .final_choice import SliceScorer, choose_final_phase, hold_out_val_slice
 from .outcome import (
     ap_text,
@@ -60,10 +60,13 @@ from .phases import Phase, active_phases
 from .planning import (
     PLAN_FILE,
     apply_plan,
+    budget_seconds,
     describe_anchors,
+    phase_budget,
     planned_config,
     read_plan,
     replan_after,
+    replan_pace,
     write_plan,
 )
 from .preflight import (
@@ -192,8 +195,14 @@ def _result_keys(system: ConfigSystem, flat: dict, phase: str) -> dict:
     }
 
 
-def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str]) -> None:
-    """Refuse to continue a phase folder started with a config or data that change the result."""
+def _check_same_config(
+    system: ConfigSystem, pcfg, fingerprints: dict[str, str], before_pace=None
+) -> None:
+    """Refuse to continue a phase folder started with a config or data that change the result.
+
+    ``before_pace``: the phase config before the phase's last re-plan during training, which
+    the folder still remembers if the run stopped between saving that re-plan and starting
+    again with it (then the folder continues, with the re-plan)."""
     saved = Path(system.output_dir(pcfg)) / PHASE_KEYS_FILE
     if not saved.is_file():
         return
@@ -201,10 +210,17 @@ def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str])
     saved_keys = json.loads(saved.read_text())
     saved_run = os.path.dirname(str(saved_keys.get(system.output_dir_key, "")))
     before = _result_keys(system, _portable(saved_keys, saved_run), phase)
+
+    def changed_keys(config) -> list[str]:
+        now = _result_keys(system, _phase_keys(system, config, fingerprints), phase)
+        if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # from before fingerprints
+            now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
+        return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+    changed = changed_keys(pcfg)
+    if not changed or (before_pace is not None and not changed_keys(before_pace)):
+        return
     now = _result_keys(system, _phase_keys(system, pcfg, fingerprints), phase)
-    if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # a run from before fingerprints
-        now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     data = [k.removeprefix(DATA_PREFIX) for k in changed if k.startswith(DATA_PREFIX)]
     changed = [k for k in changed if not k.startswith(DATA_PREFIX)]
     reasons = []
@@ -216,12 +232,11 @@ def _check_same_config(system: ConfigSystem, pcfg, fingerprints: dict[str, str])
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:10])
         reasons.append(f"it was started with another config ({details})")
-    if reasons:
-        raise PhaseStateError(
-            f"{system.output_dir(pcfg)} holds a run of phase {phase} that this command cannot "
-            f"continue: {'; '.join(reasons)}. Use a new OUTPUT_DIR, or delete that folder to "
-            "restart the phase."
-        )
+    raise PhaseStateError(
+        f"{system.output_dir(pcfg)} holds a run of phase {phase} that this command cannot "
+        f"continue: {'; '.join(reasons)}. Use a new OUTPUT_DIR, or delete that folder to "
+        "restart the phase."
+    )
 
 
 def _phase_keys(system: ConfigSystem, pcfg, fingerprints: dict[str, str]) -> dict:
@@ -349,8 +364,30 @@ def _draw_batches(system: ConfigSystem, cfg, pcfg, phase: str) -> None:
         logger.exception("Phase %s: could not draw its first training batch.", phase)
 
 
-def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str, str]) -> dict:
-    """Train (or resume) one phase, evaluate it and mark it done; return its record."""
+def _phase_config(system: ConfigSystem, cfg, name: str, num_images: int) -> tuple[Phase, object]:
+    """Phase ``name`` of ``cfg`` and its resolved config, starting from its bridged weights
+    (INIT "previous") or its converted ones (INIT "weights")."""
+    phase = system.resolve(cfg, name)
+    pcfg = system.phase_config(cfg, phase, num_images)
+    if phase.INIT == "previous":
+        pcfg = system.with_weights(pcfg, os.path.join(system.output_dir(pcfg), BRIDGED_FILE))
+    if phase.INIT == "weights":  # e.g. AlignDet converts a torchvision/MoCo backbone
+        pcfg = phase.KIND.prepare_weights(pcfg)
+    return phase, pcfg
+
+
+def _run_phase(
+    system: ConfigSystem,
+    phase: Phase,
+    pcfg,
+    fingerprints: dict[str, str],
+    budget_seconds: float | None = None,
+) -> dict:
+    """Train (or resume) one phase, evaluate it and mark it done; return its record.
+
+    With ``budget_seconds`` (its share of a budget), the phase keeps pace: see
+    :class:`~direct_pretrain.engine.BudgetPace`, which may raise
+    :class:`~direct_pretrain.engine.PaceChanged` after a checkpoint."""
     out = Path(system.output_dir(pcfg))
     if comm.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +398,8 @@ def _run_phase(system: ConfigSystem, phase: Phase, pcfg, fingerprints: dict[str,
         atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(system, pcfg, fingerprints))
     _seed_phase(system.seed(pcfg), phase.NAME, "train")
     trainer = build_trainer(pcfg)
+    if budget_seconds is not None:
+        trainer.register_hooks([BudgetPace(trainer.checkpointer, trainer.timer, budget_seconds)])
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(
@@ -439,21 +478,15 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
     for name in active_phases(cfg):
         if plan is not None:
             cfg = _replan_before(system, cfg, plan, name, val_slice)
-        phase = system.resolve(cfg, name)
-        pcfg = system.phase_config(cfg, phase, num_images)
+        phase, pcfg = _phase_config(system, cfg, name, num_images)
         summary["device"] = phase.DEVICE
         if comm.is_main_process():
             for adjustment in phase.ADJUSTMENTS:
                 logger.info("Phase %s: %s.", name, adjustment)
-        from_previous = phase.INIT == "previous"
-        if from_previous:
-            pcfg = system.with_weights(pcfg, os.path.join(system.output_dir(pcfg), BRIDGED_FILE))
-        if comm.is_main_process():
             _forget_attempt_without_checkpoint(Path(system.output_dir(pcfg)), name)
         comm.synchronize()
-        if phase.INIT == "weights":  # e.g. AlignDet converts a torchvision/MoCo backbone
-            pcfg = phase.KIND.prepare_weights(pcfg)
-        _check_same_config(system, pcfg, fingerprints)
+        before_pace = _before_last_pace(system, cfg, plan, name, num_images)
+        _check_same_config(system, pcfg, fingerprints, before_pace)
         record = read_done(system.output_dir(pcfg))
         if record is not None:
             logger.info(
@@ -465,9 +498,15 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
         else:
             _seed_phase(system.seed(cfg), name, "bridge")
             _draw_batches(system, cfg, pcfg, name)
-            if from_previous:
+            if phase.INIT == "previous":
                 _bridge_into(system, cfg, phase, pcfg, num_images)
-            record = _run_phase(system, phase, pcfg, fingerprints)
+            while record is None:
+                pace = phase_budget(plan, name) if plan is not None else None
+                try:
+                    record = _run_phase(system, phase, pcfg, fingerprints, pace)
+                except PaceChanged as change:
+                    cfg = _replan_pace(system, cfg, plan, name, change)
+                    phase, pcfg = _phase_config(system, cfg, name, num_images)
         ran[name] = (phase, pcfg)
         records[name] = record
         summary["phases"][name] = {
@@ -544,11 +583,31 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     return apply_plan(system, cfg, plan)
 
 
+def _replan_pace(system: ConfigSystem, cfg, plan: dict, name: str, change: PaceChanged):
+    """``cfg`` with phase ``name`` re-planned during its training (:func:`replan_pace`), saved
+    in ``plan.yaml`` before the phase resumes with it."""
+    entry = replan_pace(plan, name, change)  # from the main process's figures, on every process
+    plan.setdefault("paced", {}).setdefault(name, []).append(entry)
+    if comm.is_main_process():
+        write_plan(os.path.join(system.output_dir(cfg), PLAN_FILE), plan)
+        logger.warning("Plan: %s: %s; resuming with it.", entry["reason"], entry["values"])
+    comm.synchronize()
+    return apply_plan(system, cfg, plan)
+
+
+def _before_last_pace(system: ConfigSystem, cfg, plan: dict | None, name: str, num_images: int):
+    """Phase ``name``'s config before its last re-plan during training (None if it has none)."""
+    changes = (plan or {}).get("paced", {}).get(name, [])
+    if not changes:
+        return None
+    return _phase_config(system, apply_plan(system, cfg, plan, len(changes) - 1), name, num_images)[
+        1
+    ]
+
+
 def _budget_used(plan: dict, phases: dict) -> dict:
     """The budget against the training time each phase used (evaluation apart)."""
-    planned = dict(plan["budget_seconds"])
-    for replanned in plan.get("replanned", {}).values():
-        planned[replanned["phase"]] = replanned["seconds"]
+    planned = budget_seconds(plan)
     used = {
         name: round(p["wall_seconds"] - p["eval_seconds"], 1)
         for name, p in phases.items()
@@ -563,6 +622,10 @@ def _budget_used(plan: dict, phases: dict) -> dict:
             name: {k: r["measured"][k] for k in ("value", "rule", "figure")}
             for name, r in plan.get("replanned", {}).items()
             if "measured" in r
+        },
+        "paced": {
+            name: [change["reason"] for change in changes]
+            for name, changes in plan.get("paced", {}).items()
         },
     }
     logger.info(

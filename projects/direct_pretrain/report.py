@@ -277,6 +277,8 @@ def budget_table(budget: dict) -> list[str]:
             "",
             f"{phase} scale x{measured['value']:.2f}: {measured['rule']} ({measured['figure']}).",
         ]
+    for changes in (budget.get("paced") or {}).values():
+        lines += ["", *(f"Re-planned during training: {change}." for change in changes)]
     return lines + [""]
 
 

@@ -7,13 +7,16 @@ from detectron2.config import CfgNode
 from .calibration import time_steps
 from .hooks import AllRanksFinite, PhaseTimer, phase_hooks
 from .lazy_trainer import LazyPhaseTrainer, lazy_evaluate
+from .pace import BudgetPace, PaceChanged
 from .stop import GracefulStop, StopRequested
 from .yacs_trainer import DirectPretrainTrainer, build_train_augmentations, phase_training_dicts
 
 __all__ = [
     "AllRanksFinite",
+    "BudgetPace",
     "DirectPretrainTrainer",
     "GracefulStop",
+    "PaceChanged",
     "StopRequested",
     "LazyPhaseTrainer",
     "PhaseTimer",

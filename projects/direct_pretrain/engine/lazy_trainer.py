@@ -49,8 +49,8 @@ class LazyPhaseTrainer:
     """Trains one LazyConfig phase with Detectron2's SimpleTrainer (AMPTrainer) and hooks.
 
     Exposes what the pipeline reads from :class:`.DirectPretrainTrainer`:
-    ``resume_or_load``, ``train``, ``start_iter``, ``max_iter``, ``iter``, ``checkpointer``,
-    ``timer`` and ``eval_results``.
+    ``resume_or_load``, ``train``, ``register_hooks``, ``start_iter``, ``max_iter``, ``iter``,
+    ``checkpointer``, ``timer`` and ``eval_results``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -138,6 +138,10 @@ class LazyPhaseTrainer:
         self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.trainer.iter + 1
+
+    def register_hooks(self, hooks_: list) -> None:
+        """Hooks after those of the phase (Detectron2's ``TrainerBase.register_hooks``)."""
+        self.trainer.register_hooks(hooks_)
 
     def train(self) -> None:
         self.trainer.train(self.start_iter, self.max_iter)

@@ -7,10 +7,9 @@ import logging
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
 from detectron2.engine import HookBase
-from detectron2.utils import comm
+
+from ..utils.dist import all_reduce_floats
 
 __all__ = ["STOP_SIGNALS", "GracefulStop", "StopRequested"]
 
@@ -75,17 +74,9 @@ class GracefulStop(HookBase):
         )
 
     def after_step(self) -> None:
-        signum = self.requested
-        if comm.get_world_size() > 1:
-            shared = torch.tensor([float(signum)], device=_device(self.trainer.model))
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            signum = int(shared.item())
+        signum = int(all_reduce_floats([float(self.requested)], self.trainer.model, "max")[0])
         if not signum:
             return
         iteration = self.trainer.iter
         self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
         raise StopRequested(signum, iteration + 1, self.trainer.max_iter)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device

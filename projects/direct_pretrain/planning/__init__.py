@@ -18,11 +18,14 @@ from .plan import (
     PLAN_FILE,
     PLANNED_PHASES,
     apply_plan,
+    budget_seconds,
     make_plan,
+    phase_budget,
     plan_inputs,
     plan_table,
     read_plan,
     replan_after,
+    replan_pace,
     write_plan,
 )
 from .rules import (
@@ -39,12 +42,15 @@ __all__ = [
     "PLANNED_PHASES",
     "PlanChangedError",
     "apply_plan",
+    "budget_seconds",
     "describe_anchors",
     "make_plan",
+    "phase_budget",
     "planned_config",
     "plan_table",
     "read_plan",
     "replan_after",
+    "replan_pace",
     "write_plan",
 ]
 

@@ -32,9 +32,9 @@ from ..run_folder import PHASE_SAFE_KEYS
 from ..utils.io import atomic_write_text, plain
 from .rules import (
     ADAPT_ITERATIONS,
-    MIN_ITERATIONS,
     CPU_BATCH,
     GPU_BATCH_CAP,
+    MIN_ITERATIONS,
     Choice,
     DataFigures,
     anchor_recall,
@@ -59,11 +59,14 @@ __all__ = [
     "PLAN_FILE",
     "PLANNED_PHASES",
     "apply_plan",
+    "budget_seconds",
     "make_plan",
+    "phase_budget",
     "plan_inputs",
     "plan_table",
     "read_plan",
     "replan_after",
+    "replan_pace",
     "write_plan",
 ]
 
@@ -424,12 +427,56 @@ def _schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None
             planner.add(phase, choice)
 
 
-def apply_plan(system: ConfigSystem, cfg, plan: dict):
-    """``cfg`` with the plan's values (and a later re-plan's) written in."""
+def apply_plan(system: ConfigSystem, cfg, plan: dict, paced: int | None = None):
+    """``cfg`` with the plan's values and the later re-plans' written in: between phases
+    (``replanned``), then during them (``paced``: each phase's first ``paced`` only, if given)."""
     values = dict(plan["values"])
     for replanned in plan.get("replanned", {}).values():
         values.update(replanned["values"])
+    for changes in plan.get("paced", {}).values():
+        for change in changes[:paced]:
+            values.update(change["values"])
     return system.with_values(cfg, values)
+
+
+def budget_seconds(plan: dict) -> dict[str, float]:
+    """Each phase's share of the budget in training seconds, as re-planned after the phase
+    before it."""
+    seconds = dict(plan["budget_seconds"])
+    for replanned in plan.get("replanned", {}).values():
+        seconds[replanned["phase"]] = replanned["seconds"]
+    return seconds
+
+
+def phase_budget(plan: dict, phase: str) -> float | None:
+    """``phase``'s :func:`budget_seconds`, or None where the user set its length."""
+    if _phase_key(phase, "MAX_ITER") not in plan["values"]:
+        return None
+    return budget_seconds(plan)[phase]
+
+
+def replan_pace(plan: dict, phase: str, change) -> dict:
+    """A re-plan of ``phase`` during its training (a :class:`~direct_pretrain.engine.PaceChanged`:
+    it ran off its calibrated speed): its length in iterations, which keeps its LR steps at the
+    same share of it, and evaluation every quarter."""
+    calibrated = plan["calibration"][phase]["seconds_per_iter"]
+    values = {
+        _phase_key(phase, "MAX_ITER"): int(change.iterations),
+        _phase_key(phase, "EVAL_PERIOD"): max(1, int(change.iterations) // 4),
+    }
+    reason = (
+        f"phase {phase} trains at {change.seconds_per_iter:.2f} s per iteration "
+        f"({change.seconds_per_iter / calibrated:.2f}x its calibration, {calibrated:.2f} s): "
+        f"after {change.done} iterations in {change.seconds:.0f} of its "
+        f"{phase_budget(plan, phase):.0f} s, {change.iterations} iterations fit instead of "
+        f"{change.planned}"
+    )
+    return {
+        "done": int(change.done),
+        "seconds_per_iter": round(float(change.seconds_per_iter), 3),
+        "values": {k: v for k, v in values.items() if k in plan["values"]},
+        "reason": reason,
+    }
 
 
 def replan_after(
@@ -445,7 +492,9 @@ def replan_after(
     """Re-plan the phase after ``done`` once ``done`` finished (its ``phase_done.json``
     ``record``); None if nothing changes.
 
-    Its length follows the training seconds ``done`` really took, so that the budget holds.
+    Its length follows the training seconds ``done`` really took, so that the budget holds,
+    and its speed ``done``'s drift from its calibration (a phase that kept pace,
+    :class:`~direct_pretrain.engine.BudgetPace`, ended on time but may have run slower).
     With ``measure`` (scores ``done``'s model on the validation slice at a test size) and
     ``train_dicts`` (loads the training set, only when a measurement is due), a short fine-tune
     whose sizes the plan set gets the scale measured best (:func:`.rules.pick_measured_scale`):
@@ -507,10 +556,10 @@ def replan_after(
             )
             return {**entry, "scale": choice.value, "values": values, "reason": reason}
         timing = f"scale {choice.value:.2f} kept, {choice.rule} ({choice.figure}); {timing}"
-    if (
-        abs(seconds - plan["budget_seconds"][phase])
-        <= REPLAN_TOLERANCE * plan["budget_seconds"][phase]
-    ):
+    on_time = abs(seconds - plan["budget_seconds"][phase]) <= (
+        REPLAN_TOLERANCE * plan["budget_seconds"][phase]
+    )
+    if on_time and abs(drift - 1.0) <= REPLAN_TOLERANCE:  # (a phase that kept pace ends on time)
         return {**entry, "values": {}, "reason": timing} if "measured" in entry else None
     batch = plan["calibration"][phase]["ims_per_batch"]
     choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])

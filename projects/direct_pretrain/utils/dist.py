@@ -1,4 +1,5 @@
-"""Dataset-wide passes in multi-process runs: built once by the main process, errors on all ranks.
+"""Dataset-wide passes in multi-process runs: built once by the main process, errors on all ranks;
+and the few numbers the training hooks share every iteration.
 
 Pixel statistics, the low-resolution cache and AlignDet's pseudo-boxes are each computed once
 into a content-keyed cache. :func:`build_on_main` runs such a pass on the main process while the
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import torch
+import torch.distributed as dist
 from detectron2.utils import comm
 
-__all__ = ["MainProcessError", "build_on_main"]
+__all__ = ["MainProcessError", "all_reduce_floats", "build_on_main"]
 
 T = TypeVar("T")
 
@@ -53,3 +56,14 @@ def build_on_main(fn: Callable[[], T], what: str, others_too: bool = True) -> T:
     if comm.is_main_process() or not others_too:
         return result
     return fn()
+
+
+def all_reduce_floats(values: list[float], model: torch.nn.Module, op: str = "sum") -> list[float]:
+    """``values`` reduced over all processes (``op`` "sum" or "max"), on ``model``'s device
+    (collective); unchanged with one process."""
+    if comm.get_world_size() == 1:
+        return list(values)
+    device = next(model.parameters()).device
+    shared = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return shared.tolist()
