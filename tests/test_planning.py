@@ -631,3 +631,33 @@ def test_a_budgeted_run_keeps_pace_with_a_machine_slower_than_its_calibration(
     pipeline._check_same_config(system, saved, {}, before)
     with pytest.raises(PhaseStateError, match="MAX_ITER"):
         pipeline._check_same_config(system, saved, {}, None)
+
+
+def test_a_measured_fine_tune_scale_is_drawn_in_the_box_size_figure(
+    synthetic_data, tmp_path, monkeypatch
+):
+    from direct_pretrain import pipeline
+
+    cfg = pipeline.prepare_config(_tiny_budget_cfg(synthetic_data, tmp_path, budget=10.0))[0]
+    plan, planned = _plan(_dataset([(256, 256)], (15, 60)), cfg=cfg, budget=10.0)
+    (tmp_path / "pretrain").mkdir()
+    done = {"wall_seconds": 1.0, "eval_seconds": 0, "iterations": 5, "final_model": "m.pth"}
+    (tmp_path / "pretrain" / "phase_done.json").write_text(json.dumps(done))
+    drawn = []
+    monkeypatch.setattr(pipeline, "describe_anchors", lambda *args: drawn.append(args))
+    key = "DIRECT_PRETRAIN.FINETUNE.MAX_SIZE_TEST"
+    measured = {"phase": "FINETUNE", "seconds": 1.0, "values": {key: 96}, "reason": "r"}
+    monkeypatch.setattr(pipeline, "replan_after", lambda *a: {**measured, "scale": 0.4})
+    system = system_of(cfg)
+    replanned = pipeline._replan_before(system, planned, plan, "FINETUNE", None)
+    assert (
+        len(drawn) == 1
+        and drawn[0][1] is replanned
+        and replanned.DIRECT_PRETRAIN.FINETUNE["MAX_SIZE_TEST"] == 96
+    )
+    assert len(drawn[0][2]) > 0  # the training set, loaded for the figure
+    # a re-plan of the length only leaves the figure as the plan drew it
+    del plan["replanned"]
+    monkeypatch.setattr(pipeline, "replan_after", lambda *a: measured)
+    pipeline._replan_before(system, planned, plan, "FINETUNE", None)
+    assert len(drawn) == 1

@@ -554,7 +554,8 @@ def _budget(cfg) -> float:
 def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     """``cfg`` with phase ``name`` re-planned once the phase before it (in PIPELINE) finished:
     its length from the time that phase really took, and, with a validation slice, the
-    fine-tune scale measured on it (:func:`replan_after`). A re-plan saved in ``plan.yaml`` is
+    fine-tune scale measured on it (:func:`replan_after`; ``report/box_sizes.png`` is drawn
+    again at that scale). A re-plan saved in ``plan.yaml`` is
     what the phase started with: it is kept (``cfg`` holds it)."""
     pipeline = list(cfg.DIRECT_PRETRAIN.PIPELINE)
     index = pipeline.index(name) if name in pipeline else 0
@@ -569,7 +570,7 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     if val_slice is not None:
         weights = os.path.join(folder, record["final_model"])
         measure = SliceScorer(system, cfg, previous, weights, val_slice.images)
-    train_dicts = functools.partial(system.train_dicts, cfg)  # loaded only to measure
+    train_dicts = functools.partial(system.train_dicts, cfg)  # loaded only if measured
     replanned = replan_after(system, cfg, plan, previous, record, measure, train_dicts)
     replanned = comm.all_gather(replanned)[0]  # timed in each process: the main one's
     if replanned is None:
@@ -580,7 +581,10 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
         logger.info("Plan: %s: %s", replanned["reason"], replanned["values"])
         if replanned.get("warning"):
             logger.warning("Plan: %s.", replanned["warning"])
-    return apply_plan(system, cfg, plan)
+    cfg = apply_plan(system, cfg, plan)
+    if "scale" in replanned and comm.is_main_process():  # measured: the figure shows it
+        describe_anchors(system, cfg, train_dicts(), system.output_dir(cfg), _warned_keys(plan))
+    return cfg
 
 
 def _replan_pace(system: ConfigSystem, cfg, plan: dict, name: str, change: PaceChanged):
@@ -645,8 +649,12 @@ def _describe(system: ConfigSystem, cfg, dicts: list[dict], plan: dict | None = 
     classes = MetadataCatalog.get(train_names[0]).get("thing_classes", None)
     fingerprint = os.path.join(system.output_dir(cfg), FINGERPRINT_FILE)
     describe_data(dicts, phases, classes, fingerprint)
-    warned = [c["key"] for c in (plan or {}).get("choices", []) if c.get("warning")]
-    describe_anchors(system, cfg, dicts, system.output_dir(cfg), warned)
+    describe_anchors(system, cfg, dicts, system.output_dir(cfg), _warned_keys(plan))
+
+
+def _warned_keys(plan: dict | None) -> list[str]:
+    """The keys the plan warned about (their warning is not repeated)."""
+    return [c["key"] for c in (plan or {}).get("choices", []) if c.get("warning")]
 
 
 def prepare_run(cfg, user_keys: dict | None = None):
