@@ -553,11 +553,13 @@ class _Saver:
         self.saved.append((name, iteration))
 
 
-def _pace(budget, max_iter, seconds_per_iter, iterations, start=0, slow_after=None, factor=3):
+def _pace(
+    budget, max_iter, seconds_per_iter, iterations, start=0, slow_after=None, factor=3, until=None
+):
     """Run a :class:`BudgetPace` over ``iterations`` steps of a fake phase; the PaceChanged
     raised (or None) and the checkpoints saved."""
     clock, saver, trainer = _Clock(), _Saver(), _Trainer(max_iter)
-    hook = BudgetPace(saver, clock, budget)
+    hook = BudgetPace(saver, clock, budget, until)
     hook.trainer = trainer
     clock.seconds = start * seconds_per_iter
     hook.before_train()
@@ -591,6 +593,10 @@ def test_a_phase_that_slows_down_is_replanned_to_fit_its_budget():
     # LR step at 3/4 of the phase stays ahead)
     change, _ = _pace(10.0, 1000, 1.0, 100, slow_after=4, factor=20)
     assert (change.done, change.iterations) == (5, 7)
+    # past the first LR drop the length stays (the LR would rise again); so it does at the last
+    # iteration (a phase that ends early leaves its time to the next)
+    assert _pace(100.0, 40, 2.0, 40, until=10) == (None, [])
+    assert _pace(100.0, 13, 2.0, 13) == (None, [])  # 26 s at the last iteration, 13
 
 
 def test_a_budgeted_run_keeps_pace_with_a_machine_slower_than_its_calibration(

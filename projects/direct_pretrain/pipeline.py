@@ -382,12 +382,13 @@ def _run_phase(
     pcfg,
     fingerprints: dict[str, str],
     budget_seconds: float | None = None,
+    num_images: int = 0,
 ) -> dict:
     """Train (or resume) one phase, evaluate it and mark it done; return its record.
 
-    With ``budget_seconds`` (its share of a budget), the phase keeps pace: see
-    :class:`~direct_pretrain.engine.BudgetPace`, which may raise
-    :class:`~direct_pretrain.engine.PaceChanged` after a checkpoint."""
+    With ``budget_seconds`` (its share of a budget) and ``num_images`` (training images), the
+    phase keeps pace until its first LR drop: see :class:`~direct_pretrain.engine.BudgetPace`,
+    which may raise :class:`~direct_pretrain.engine.PaceChanged` after a checkpoint."""
     out = Path(system.output_dir(pcfg))
     if comm.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +400,11 @@ def _run_phase(
     _seed_phase(system.seed(pcfg), phase.NAME, "train")
     trainer = build_trainer(pcfg)
     if budget_seconds is not None:
-        trainer.register_hooks([BudgetPace(trainer.checkpointer, trainer.timer, budget_seconds)])
+        max_iter, drops = phase.schedule(num_images)
+        until = min(drops, default=max_iter)
+        trainer.register_hooks(
+            [BudgetPace(trainer.checkpointer, trainer.timer, budget_seconds, until)]
+        )
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(
@@ -503,7 +508,7 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
             while record is None:
                 pace = phase_budget(plan, name) if plan is not None else None
                 try:
-                    record = _run_phase(system, phase, pcfg, fingerprints, pace)
+                    record = _run_phase(system, phase, pcfg, fingerprints, pace, num_images)
                 except PaceChanged as change:
                     cfg = _replan_pace(system, cfg, plan, name, change)
                     phase, pcfg = _phase_config(system, cfg, name, num_images)

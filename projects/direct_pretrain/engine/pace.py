@@ -45,8 +45,10 @@ class BudgetPace(HookBase):
     apart) passes each share ``at`` of ``budget_seconds``, predicts the phase's end from the speed
     measured since its first iteration in this process (startup left out). When the prediction
     misses the budget by more than ``tolerance`` of it, saves a checkpoint and raises
-    :class:`PaceChanged` with the iterations that fit; the remaining iterations stay at least a
-    third of those done, so that an LR drop at 3/4 of the phase is still ahead.
+    :class:`PaceChanged` with the iterations that fit. Only before iteration ``until`` (the
+    phase's first LR drop: the LR never rises again) and before the last iteration (a phase that
+    ends early leaves its time to the next one); the remaining iterations stay at least a third
+    of those done, so that an LR drop at 3/4 of the phase is still ahead.
 
     The main process decides; with several processes its decision is shared (one all-reduce
     per iteration), so every process stops at the same iteration.
@@ -57,12 +59,14 @@ class BudgetPace(HookBase):
         checkpointer,
         timer,
         budget_seconds: float,
+        until: int | None = None,
         at: tuple[float, ...] = (0.25, 0.5),
         tolerance: float = 0.1,
         min_iterations: int = 3,
     ) -> None:
         self.checkpointer, self.timer = checkpointer, timer
         self.budget_seconds, self.at, self.tolerance = budget_seconds, at, tolerance
+        self.until = until
         self.min_iterations = min_iterations
         self._start: tuple[int, float] | None = None
         self._due: list[float] = []
@@ -93,6 +97,9 @@ class BudgetPace(HookBase):
         if not self._due or used < self._due[0]:
             return None
         self._due = [due for due in self._due if due > used]
+        last = min(self.trainer.max_iter, self.until or self.trainer.max_iter)
+        if done >= last:
+            return None
         start_done, start_used = self._start
         if done - start_done < self.min_iterations:
             return None
