@@ -667,3 +667,18 @@ def test_a_measured_fine_tune_scale_is_drawn_in_the_box_size_figure(
     monkeypatch.setattr(pipeline, "replan_after", lambda *a: measured)
     pipeline._replan_before(system, planned, plan, "FINETUNE", None)
     assert len(drawn) == 1
+
+
+def test_the_calibration_times_a_large_lr_without_diverging(synthetic_data, tmp_path):
+    """The timed steps run from random weights at a warmup's first LR: at the full LR of a large
+    batch they diverged (the demo's pre-training at batch 16, LR 0.04)."""
+    from direct_pretrain.engine import time_steps
+    from direct_pretrain.pipeline import prepare_config
+
+    cfg = tiny_cfg(synthetic_data, tmp_path)
+    cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 1000.0
+    cfg, num_images = prepare_config(cfg)
+    system = system_of(cfg)
+    pcfg = system.phase_config(cfg, system.resolve(cfg, "PRETRAIN"), num_images)
+    timing = time_steps(pcfg, warmup=1, steps=3)
+    assert timing["seconds_per_iter"] > 0 and timing["steps"] == 3
