@@ -190,3 +190,26 @@ def test_budget_study_trains_only_the_methods_asked(tmp_path, monkeypatch):
     )
     study.main()
     assert trained == [key for key in study.planned() if key[0] == "direct"] and len(trained) == 5
+
+
+def test_slice_noise_gives_the_difference_and_its_jackknife_error(tmp_path, monkeypatch):
+    """Three slice images with one box each; the pre-trained model finds all three, the
+    fine-tuned one misses the third: its AP is lower, and leaving images out moves the gap."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in (1, 2, 3)]
+    box = [10.0, 10.0, 20.0, 20.0]
+    anns = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": box, "area": 400.0, "iscrowd": 0}
+        for i in (1, 2, 3)
+    ]
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "tree"}]}
+    (tmp_path / "val_slice_coco.json").write_text(json.dumps(gt))
+    found = {"pretrain": (1, 2, 3), "finetune": (1, 2)}
+    for phase, hits in found.items():
+        folder = tmp_path / phase / "val_slice" / "inference"
+        folder.mkdir(parents=True)
+        dets = [{"image_id": i, "category_id": 1, "bbox": box, "score": 0.9} for i in hits]
+        (folder / "coco_instances_results.json").write_text(json.dumps(dets))
+    row = _study(monkeypatch, "slice_noise").slice_noise(str(tmp_path))
+    _, n, pretrain, finetune, difference, se, _ = row
+    assert (n, pretrain) == (3, 100.0) and finetune < 100.0
+    assert difference == round(pretrain - finetune, 1) and se > 0
