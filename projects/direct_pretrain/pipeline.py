@@ -211,16 +211,19 @@ def _check_same_config(
     saved_run = os.path.dirname(str(saved_keys.get(system.output_dir_key, "")))
     before = _result_keys(system, _portable(saved_keys, saved_run), phase)
 
-    def changed_keys(config) -> list[str]:
+    def result_keys(config) -> dict:
         now = _result_keys(system, _phase_keys(system, config, fingerprints), phase)
         if not any(k.startswith(DATA_PREFIX) for k in saved_keys):  # from before fingerprints
             now = {k: v for k, v in now.items() if not k.startswith(DATA_PREFIX)}
+        return now
+
+    def changed_keys(now: dict) -> list[str]:
         return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
-    changed = changed_keys(pcfg)
-    if not changed or (before_pace is not None and not changed_keys(before_pace)):
+    now = result_keys(pcfg)
+    changed = changed_keys(now)
+    if not changed or (before_pace is not None and not changed_keys(result_keys(before_pace))):
         return
-    now = _result_keys(system, _phase_keys(system, pcfg, fingerprints), phase)
     data = [k.removeprefix(DATA_PREFIX) for k in changed if k.startswith(DATA_PREFIX)]
     changed = [k for k in changed if not k.startswith(DATA_PREFIX)]
     reasons = []
@@ -381,14 +384,15 @@ def _run_phase(
     phase: Phase,
     pcfg,
     fingerprints: dict[str, str],
-    budget_seconds: float | None = None,
-    num_images: int = 0,
+    num_images: int,
+    share: float | None = None,
 ) -> dict:
-    """Train (or resume) one phase, evaluate it and mark it done; return its record.
+    """Train (or resume) one phase over ``num_images`` training images, evaluate it and mark it
+    done; return its record.
 
-    With ``budget_seconds`` (its share of a budget) and ``num_images`` (training images), the
-    phase keeps pace until its first LR drop: see :class:`~direct_pretrain.engine.BudgetPace`,
-    which may raise :class:`~direct_pretrain.engine.PaceChanged` after a checkpoint."""
+    With ``share`` (its training seconds of a budget) the phase keeps pace until its first LR
+    drop: see :class:`~direct_pretrain.engine.BudgetPace`, which may raise
+    :class:`~direct_pretrain.engine.PaceChanged` after a checkpoint."""
     out = Path(system.output_dir(pcfg))
     if comm.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -399,12 +403,10 @@ def _run_phase(
         atomic_write_json(out / PHASE_KEYS_FILE, _phase_keys(system, pcfg, fingerprints))
     _seed_phase(system.seed(pcfg), phase.NAME, "train")
     trainer = build_trainer(pcfg)
-    if budget_seconds is not None:
+    if share is not None:
         max_iter, drops = phase.schedule(num_images)
         until = min(drops, default=max_iter)
-        trainer.register_hooks(
-            [BudgetPace(trainer.checkpointer, trainer.timer, budget_seconds, until)]
-        )
+        trainer.register_hooks([BudgetPace(trainer.checkpointer, trainer.timer, share, until)])
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(
@@ -505,10 +507,10 @@ def run_pipeline(cfg, user_keys: dict | None = None) -> dict:
             _draw_batches(system, cfg, pcfg, name)
             if phase.INIT == "previous":
                 _bridge_into(system, cfg, phase, pcfg, num_images)
+            share = phase_budget(plan, name) if plan is not None else None
             while record is None:
-                pace = phase_budget(plan, name) if plan is not None else None
                 try:
-                    record = _run_phase(system, phase, pcfg, fingerprints, pace, num_images)
+                    record = _run_phase(system, phase, pcfg, fingerprints, num_images, share)
                 except PaceChanged as change:
                     cfg = _replan_pace(system, cfg, plan, name, change)
                     phase, pcfg = _phase_config(system, cfg, name, num_images)
@@ -575,7 +577,8 @@ def _replan_before(system: ConfigSystem, cfg, plan: dict, name: str, val_slice):
     if val_slice is not None:
         weights = os.path.join(folder, record["final_model"])
         measure = SliceScorer(system, cfg, previous, weights, val_slice.images)
-    train_dicts = functools.partial(system.train_dicts, cfg)  # loaded only if measured
+    # loaded only if measured, once (the measurement and the figure read it)
+    train_dicts = functools.cache(functools.partial(system.train_dicts, cfg))
     replanned = replan_after(system, cfg, plan, previous, record, measure, train_dicts)
     replanned = comm.all_gather(replanned)[0]  # timed in each process: the main one's
     if replanned is None:
@@ -609,9 +612,8 @@ def _before_last_pace(system: ConfigSystem, cfg, plan: dict | None, name: str, n
     changes = (plan or {}).get("paced", {}).get(name, [])
     if not changes:
         return None
-    return _phase_config(system, apply_plan(system, cfg, plan, len(changes) - 1), name, num_images)[
-        1
-    ]
+    before = apply_plan(system, cfg, plan, len(changes) - 1)
+    return _phase_config(system, before, name, num_images)[1]
 
 
 def _budget_used(plan: dict, phases: dict) -> dict:

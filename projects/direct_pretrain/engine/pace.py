@@ -4,7 +4,6 @@ the new length: Detectron2's loop fixes its length when it starts)."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 from detectron2.engine import HookBase
@@ -13,8 +12,6 @@ from detectron2.utils import comm
 from ..utils.dist import all_reduce_floats
 
 __all__ = ["BudgetPace", "PaceChanged"]
-
-logger = logging.getLogger(__name__)
 
 
 class PaceChanged(BaseException):
