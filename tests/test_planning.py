@@ -554,12 +554,20 @@ class _Saver:
 
 
 def _pace(
-    budget, max_iter, seconds_per_iter, iterations, start=0, slow_after=None, factor=3, until=None
+    budget,
+    max_iter,
+    seconds_per_iter,
+    iterations,
+    start=0,
+    slow_after=None,
+    factor=3,
+    until=None,
+    min_length=1,
 ):
     """Run a :class:`BudgetPace` over ``iterations`` steps of a fake phase; the PaceChanged
     raised (or None) and the checkpoints saved."""
     clock, saver, trainer = _Clock(), _Saver(), _Trainer(max_iter)
-    hook = BudgetPace(saver, clock, budget, until)
+    hook = BudgetPace(saver, clock, budget, until, min_length)
     hook.trainer = trainer
     clock.seconds = start * seconds_per_iter
     hook.before_train()
@@ -593,6 +601,9 @@ def test_a_phase_that_slows_down_is_replanned_to_fit_its_budget():
     # LR step at 3/4 of the phase stays ahead)
     change, _ = _pace(10.0, 1000, 1.0, 100, slow_after=4, factor=20)
     assert (change.done, change.iterations) == (5, 7)
+    # ... and never under the phase's minimum length (the planner's 10 iterations)
+    change, _ = _pace(10.0, 1000, 1.0, 100, slow_after=4, factor=20, min_length=10)
+    assert change.iterations == 10
     # past the first LR drop the length stays (the LR would rise again); so it does at the last
     # iteration (a phase that ends early leaves its time to the next)
     assert _pace(100.0, 40, 2.0, 40, until=10) == (None, [])

@@ -69,6 +69,7 @@ from .planning import (
     replan_pace,
     write_plan,
 )
+from .planning.rules import MIN_ITERATIONS
 from .preflight import (
     check_num_classes,
     check_weights_used,
@@ -406,7 +407,8 @@ def _run_phase(
     if share is not None:
         max_iter, drops = phase.schedule(num_images)
         until = min(drops, default=max_iter)
-        trainer.register_hooks([BudgetPace(trainer.checkpointer, trainer.timer, share, until)])
+        pace = BudgetPace(trainer.checkpointer, trainer.timer, share, until, MIN_ITERATIONS)
+        trainer.register_hooks([pace])
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0:
         logger.info(

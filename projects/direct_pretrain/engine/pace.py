@@ -45,7 +45,8 @@ class BudgetPace(HookBase):
     :class:`PaceChanged` with the iterations that fit. Only before iteration ``until`` (the
     phase's first LR drop: the LR never rises again) and before the last iteration (a phase that
     ends early leaves its time to the next one); the remaining iterations stay at least a third
-    of those done, so that an LR drop at 3/4 of the phase is still ahead.
+    of those done, so that an LR drop at 3/4 of the phase is still ahead, and the length at least
+    ``min_length``.
 
     The main process decides; with several processes its decision is shared (one all-reduce
     per iteration), so every process stops at the same iteration.
@@ -57,13 +58,14 @@ class BudgetPace(HookBase):
         timer,
         budget_seconds: float,
         until: int | None = None,
+        min_length: int = 1,
         at: tuple[float, ...] = (0.25, 0.5),
         tolerance: float = 0.1,
         min_iterations: int = 3,
     ) -> None:
         self.checkpointer, self.timer = checkpointer, timer
         self.budget_seconds, self.at, self.tolerance = budget_seconds, at, tolerance
-        self.until = until
+        self.until, self.min_length = until, min_length
         self.min_iterations = min_iterations
         self._start: tuple[int, float] | None = None
         self._due: list[float] = []
@@ -106,7 +108,7 @@ class BudgetPace(HookBase):
         if abs(predicted - self.budget_seconds) <= self.tolerance * self.budget_seconds:
             return None
         fits = done + int(max(0.0, self.budget_seconds - used) / speed)
-        iterations = max(fits, math.ceil(done * 4 / 3), done + 1)
+        iterations = max(fits, math.ceil(done * 4 / 3), done + 1, self.min_length)
         if iterations == self.trainer.max_iter:
             return None
         return [float(iterations), speed, used]
