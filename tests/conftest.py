@@ -129,6 +129,26 @@ def shrink(cfg, synthetic_data, output_dir: Path, cache_dir: Path | None = None)
     return cfg
 
 
+def fake_calibration(seconds: float = 0.5):
+    """A planner calibration that times nothing: ``seconds`` per iteration at the planner's CPU
+    batch, proportionally more at larger batches (the same images per second, as measured on
+    CPU); ``.calls`` lists the phases and batches it was asked for."""
+    from direct_pretrain.planning.rules import CPU_BATCH
+
+    calls = []
+
+    def calibrate(pcfg):
+        phase = pcfg.DIRECT_PRETRAIN.PHASE
+        lazy = isinstance(pcfg, DictConfig)
+        batch = pcfg.dataloader.train.total_batch_size if lazy else pcfg.SOLVER.IMS_PER_BATCH
+        calls.append((phase, batch))
+        per_iter = seconds * batch / CPU_BATCH[phase]
+        return {"seconds_per_iter": per_iter, "peak_mb": 0.0, "steps": 1}
+
+    calibrate.calls = calls
+    return calibrate
+
+
 def write_config(cfg, path: Path) -> Path:
     """Write a yacs pipeline config as a run's ``config.yaml`` is written (without the keys the
     phases set), so that ``train_net.py --config-file`` takes it."""

@@ -14,7 +14,7 @@ from detectron2.utils import comm
 from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
 
-from conftest import skip_without_cpu_multiprocess, tiny_cfg
+from conftest import fake_calibration, skip_without_cpu_multiprocess, tiny_cfg
 
 NORM = "backbone.bottom_up.stem.conv1.norm"
 
@@ -95,11 +95,7 @@ def _slow_machine_worker(cfg) -> None:
     from direct_pretrain import pipeline
     from direct_pretrain.planning import planned_config
 
-    seconds = 0.01 * (1 + comm.get_rank())
-
-    def calibrate(pcfg):
-        return {"seconds_per_iter": seconds, "peak_mb": 0.0, "steps": 1}
-
+    calibrate = fake_calibration(0.01 * (1 + comm.get_rank()))
     pipeline.planned_config = functools.partial(planned_config, calibrate=calibrate)
     run_pipeline(cfg, user_keys={})
     dist.destroy_process_group()

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from direct_pretrain.config import get_cfg
 from direct_pretrain.config_systems import system_of
 from direct_pretrain.engine import BudgetPace, PaceChanged
+from direct_pretrain.phases import schedule
 from direct_pretrain.pipeline import PhaseStateError
 from direct_pretrain.planning import (
     PLAN_FILE,
@@ -27,14 +29,17 @@ from direct_pretrain.planning import (
 )
 from direct_pretrain.planning.plan import plan_inputs
 from direct_pretrain.planning.rules import (
+    CPU_BATCH,
     DataFigures,
     anchor_recall,
+    cpu_batch,
     finetune_candidates,
+    phase_schedule,
     pick_measured_scale,
 )
 from direct_pretrain.utils.io import plain
 
-from conftest import ROOT, shrink, tiny_cfg, write_config
+from conftest import ROOT, fake_calibration, shrink, tiny_cfg, write_config
 
 DEMO = ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml"
 PLANNED = ROOT / "configs" / "planned" / "faster_rcnn_R_18_FPN.yaml"
@@ -66,18 +71,7 @@ def _planned_cfg():
     return cfg
 
 
-def _calibrate(seconds=0.5):
-    calls = []
-
-    def calibrate(pcfg):
-        calls.append(pcfg.DIRECT_PRETRAIN.PHASE)
-        return {"seconds_per_iter": seconds, "peak_mb": 0.0, "steps": 1}
-
-    calibrate.calls = calls
-    return calibrate
-
-
-def _plan(dicts, cfg=None, user=None, budget=10.0):
+def _plan(dicts, cfg=None, user=None, budget=10.0, calibrate=None):
     cfg = cfg or _planned_cfg()
     cfg = cfg.clone()
     cfg.defrost()
@@ -85,7 +79,9 @@ def _plan(dicts, cfg=None, user=None, budget=10.0):
     cfg.freeze()
     system = system_of(cfg)
     inputs = plan_inputs(system, cfg, {"data": "x"}, user or {}, len(dicts))
-    plan = make_plan(system, cfg, dicts, user or {}, inputs, calibrate=_calibrate())
+    plan = make_plan(
+        system, cfg, dicts, user or {}, inputs, calibrate=calibrate or fake_calibration()
+    )
     return plan, apply_plan(system, cfg, plan)
 
 
@@ -155,6 +151,21 @@ def test_the_budget_is_split_and_turned_into_epochs():
         assert iters == pytest.approx(seconds[phase] / 0.5, rel=0.02)  # 0.5 s per iteration
 
 
+@pytest.mark.parametrize("num_images", [37, 40, 1000, 118287])
+@pytest.mark.parametrize("batch", [4, 8, 16])
+def test_the_plan_states_the_iterations_the_trainer_runs(num_images, batch):
+    for seconds in (7.0, 300.0, 1234.5, 36000.0):
+        rows = {c.key: c for c in phase_schedule("FINETUNE", seconds, 0.37, batch, num_images)}
+        node = SimpleNamespace(DATASET_REPEAT=1, IMS_PER_BATCH=batch)
+        node.MAX_ITER, node.EPOCHS = rows["MAX_ITER"].value, rows["EPOCHS"].value
+        node.STEP_EPOCHS = rows["STEP_EPOCHS"].value
+        iters, steps = schedule(node, num_images)
+        assert iters == max(10, int(seconds / 0.37))
+        assert rows["EPOCHS"].figure.startswith(f"{iters} iterations of {batch} images")
+        assert node.EPOCHS == pytest.approx(iters * batch / num_images, rel=0.005)
+        assert len(steps) == 1 and abs(steps[0] - 0.75 * iters) <= max(1, 0.005 * iters)
+
+
 def test_a_budget_too_small_for_the_epochs_trains_on_smaller_crops_timed_again():
     cfg = _planned_cfg().clone()
     cfg.defrost()
@@ -163,10 +174,19 @@ def test_a_budget_too_small_for_the_epochs_trains_on_smaller_crops_timed_again()
     dicts = _dataset([(512, 512)], (15, 60))
     system = system_of(cfg)
     inputs = plan_inputs(system, cfg, {"data": "x"}, {}, len(dicts))
-    calibrate = _calibrate()
+    calibrate = fake_calibration()
     plan = make_plan(system, cfg, dicts, {}, inputs, calibrate=calibrate)
     v = _values(plan)
-    assert calibrate.calls == ["PRETRAIN", "FINETUNE", "PRETRAIN", "FINETUNE"]
+    # each phase timed at its CPU batch and at twice it (no faster per image: kept), then again
+    # on its crops
+    assert calibrate.calls == [
+        ("PRETRAIN", 8),
+        ("PRETRAIN", 16),
+        ("FINETUNE", 4),
+        ("FINETUNE", 8),
+        ("PRETRAIN", 8),
+        ("FINETUNE", 4),
+    ]
     # 20 s at 0.5 s per iteration of 4 images: 2 of the 3 epochs at 512 px -> 416-px crops
     assert v["FINETUNE.AUGMENTATION"] == "fixed_size_crop" and v["FINETUNE.CROP_SIZE"] == [416, 416]
     assert v["FINETUNE.MIN_SIZE_TEST"] == 512  # evaluated on whole images still
@@ -213,6 +233,62 @@ def test_the_lr_follows_a_batch_you_set():
     assert planned.DIRECT_PRETRAIN.FINETUNE.BASE_LR == pytest.approx(0.04)  # 0.02 x 32 / 16
 
 
+def test_the_cpu_batch_doubles_only_while_images_per_second_grow_by_over_ten_percent():
+    assert cpu_batch({8: 2.0, 16: 3.9}).value == 8  # 4.0 -> 4.1 images/s: within the drift
+    assert cpu_batch({8: 2.0, 16: 3.0}).value == 16  # 4.0 -> 5.3
+    assert cpu_batch({4: 1.0, 8: 1.5, 16: 3.2}).value == 8  # 4.0 -> 5.3 -> 5.0
+    assert "images/s 8: 4.00, 16: 4.10" in cpu_batch({8: 2.0, 16: 3.9}).figure
+
+
+def test_a_cpu_that_is_faster_per_image_at_larger_batches_gets_them_up_to_the_cap():
+    def sublinear(pcfg):  # doubling the batch costs 1.41x the time: 41% more images/s
+        batch, phase = pcfg.SOLVER.IMS_PER_BATCH, pcfg.DIRECT_PRETRAIN.PHASE
+        calls.append((phase, batch))
+        return {"seconds_per_iter": 0.5 * (batch / CPU_BATCH[phase]) ** 0.5, "steps": 4}
+
+    calls = []
+    cfg = _planned_cfg().clone()
+    cfg.defrost()
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 10.0
+    dicts = _dataset([(256, 256)], (15, 60))
+    system = system_of(cfg)
+    inputs = plan_inputs(system, cfg, {"data": "x"}, {}, len(dicts))
+    plan = make_plan(system, cfg, dicts, {}, inputs, calibrate=sublinear)
+    planned = apply_plan(system, cfg, plan).DIRECT_PRETRAIN
+    # each winning doubling checked against the batch before it, timed again
+    assert calls == [("PRETRAIN", b) for b in (8, 16, 8, 32, 16)] + [
+        ("FINETUNE", b) for b in (4, 8, 4, 16, 8)
+    ]
+    assert (planned.PRETRAIN.IMS_PER_BATCH, planned.FINETUNE.IMS_PER_BATCH) == (32, 16)
+    assert (planned.PRETRAIN.BASE_LR, planned.FINETUNE.BASE_LR) == (0.04, 0.02)
+    assert plan["calibration"]["PRETRAIN"]["seconds_per_iter"] == pytest.approx(1.0)
+    assert plan["calibration"]["PRETRAIN"]["timed_batches"] == {8: 0.5, 16: 0.5 * 2**0.5, 32: 1.0}
+    # a budget whose 5% cannot pay the doubled batch's steps: not timed, and said so
+    calls.clear()
+    cfg.DIRECT_PRETRAIN.BUDGET_MINUTES = 0.1  # 0.3 s of probing; a doubling takes ~4 s
+    plan = make_plan(system, cfg, dicts, {}, inputs | {"budget_minutes": 0.1}, calibrate=sublinear)
+    assert {batch for _, batch in calls} == {8, 4}
+    row = next(c for c in plan["choices"] if c["key"] == "DIRECT_PRETRAIN.PRETRAIN.IMS_PER_BATCH")
+    assert (row["value"], row["figure"]) == (
+        8,
+        "images/s 8: 16.00; 16 not timed (~4 s, over 5% of the budget)",
+    )
+
+
+def test_a_cold_first_timing_does_not_pick_a_larger_cpu_batch():
+    def cold_then_flat(pcfg):  # the same images/s at every batch, the first timing 30% slower
+        batch, phase = pcfg.SOLVER.IMS_PER_BATCH, pcfg.DIRECT_PRETRAIN.PHASE
+        calls.append((phase, batch))
+        cold = 1.3 if len(calls) == 1 else 1.0
+        return {"seconds_per_iter": cold * 0.5 * batch / CPU_BATCH[phase], "steps": 4}
+
+    calls = []
+    plan, _ = _plan(_dataset([(256, 256)], (15, 60)), calibrate=cold_then_flat)
+    assert calls[:3] == [("PRETRAIN", 8), ("PRETRAIN", 16), ("PRETRAIN", 8)]
+    assert plan["calibration"]["PRETRAIN"]["ims_per_batch"] == 8
+    assert plan["calibration"]["PRETRAIN"]["timed_batches"] == {8: 0.5, 16: 1.0}
+
+
 def test_lengths_you_set_beyond_the_budget_are_warned(caplog):
     cfg = get_cfg()
     cfg.merge_from_file(str(DEMO))
@@ -244,22 +320,24 @@ def test_a_saved_plan_is_reused_and_a_changed_budget_refused_once_a_phase_starte
     cfg = _tiny_budget_cfg(synthetic_data, tmp_path)
     system = system_of(cfg)
     dicts = _dataset([(64, 64)], (10, 30))
-    calibrate = _calibrate()
+    calibrate = fake_calibration()
     first, plan = planned_config(system, cfg, dicts, {}, {"tiny": "a"}, calibrate)
-    assert calibrate.calls == ["PRETRAIN", "FINETUNE"]
-    again, plan2 = planned_config(system, cfg, dicts, {}, {"tiny": "a"}, _calibrate(9.0))
-    assert plan2 == plan and system.flat(again) == system.flat(first)  # not re-calibrated
+    assert {phase for phase, _ in calibrate.calls} == {"PRETRAIN", "FINETUNE"}
+    slower = fake_calibration(9.0)
+    again, plan2 = planned_config(system, cfg, dicts, {}, {"tiny": "a"}, slower)
+    assert plan2 == plan and system.flat(again) == system.flat(first)
+    assert slower.calls == []  # not re-calibrated
     other = cfg.clone()
     other.defrost()
     other.DIRECT_PRETRAIN.BUDGET_MINUTES = 2.0
     # nothing trained yet: a new budget is simply re-planned
-    planned_config(system, other, dicts, {}, {"tiny": "a"}, _calibrate())
+    planned_config(system, other, dicts, {}, {"tiny": "a"}, fake_calibration())
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "phase_keys.json").write_text("{}")
     with pytest.raises(PlanChangedError, match=r"budget_minutes.*2.0 -> 1.0"):
-        planned_config(system, cfg, dicts, {}, {"tiny": "a"}, _calibrate())
+        planned_config(system, cfg, dicts, {}, {"tiny": "a"}, fake_calibration())
     with pytest.raises(PlanChangedError, match="data"):
-        planned_config(system, other, dicts, {}, {"tiny": "b"}, _calibrate())
+        planned_config(system, other, dicts, {}, {"tiny": "b"}, fake_calibration())
 
 
 def test_the_next_phase_is_replanned_when_the_previous_one_ran_slower(synthetic_data, tmp_path):
@@ -339,7 +417,7 @@ def test_lazyconfig_runs_are_planned_too(synthetic_data, tmp_path, caplog):
     system = system_of(cfg)
     with caplog.at_level(logging.INFO):
         planned, plan = planned_config(
-            system, cfg, _dataset([(64, 64)], (10, 30)), {}, {"tiny": "a"}, _calibrate()
+            system, cfg, _dataset([(64, 64)], (10, 30)), {}, {"tiny": "a"}, fake_calibration()
         )
     assert "model.proposal_generator.anchor_generator.sizes" in plan["values"]
     assert (
@@ -360,7 +438,7 @@ def test_lazyconfig_values_of_yours_are_saved_in_the_plan(synthetic_data, tmp_pa
     anchors = "model.proposal_generator.anchor_generator.sizes"
     user = {"DIRECT_PRETRAIN.PRETRAIN.SCALE": "the config", anchors: "the command line"}
     _, plan = planned_config(
-        system_of(cfg), cfg, _dataset([(64, 64)], (10, 30)), user, {"tiny": "a"}, _calibrate()
+        system_of(cfg), cfg, _dataset([(64, 64)], (10, 30)), user, {"tiny": "a"}, fake_calibration()
     )
     rows = {c["key"]: c for c in yaml.safe_load((tmp_path / PLAN_FILE).read_text())["choices"]}
     assert rows["DIRECT_PRETRAIN.PRETRAIN.SCALE"] == {
@@ -473,11 +551,11 @@ def test_a_short_fine_tune_is_measured_on_the_validation_slice(synthetic_data, t
     on_time["iterations"] = plan["budget_seconds"]["PRETRAIN"] / 0.5
     middle = finetune_candidates(low, high)[1]
     side = 32 * round(512 * middle / 32)  # sizes are multiples of 32 px
-    scorer, calibrate = _Scorer(side), _calibrate(0.25)
+    scorer, calibrate = _Scorer(side), fake_calibration(0.25)
     load = lambda: dicts  # noqa: E731
     replanned = replan_after(system, cfg, plan, "PRETRAIN", on_time, scorer, load, calibrate)
     assert len(scorer.calls) == 3 and scorer.calls == sorted(scorer.calls)
-    assert replanned["scale"] == middle and calibrate.calls == ["FINETUNE"]
+    assert replanned["scale"] == middle and calibrate.calls == [("FINETUNE", 4)]
     values = _values(replanned)
     assert values["FINETUNE.MIN_SIZE_TEST"] == side and values["FINETUNE.MIN_SIZE_TRAIN"] == [side]
     # timed at the new scale (twice as fast): more epochs in the same seconds
@@ -496,7 +574,12 @@ def test_a_starved_phase_is_warned_once(synthetic_data, tmp_path, caplog):
     system, dicts = system_of(cfg), _dataset([(512, 512)], (18, 60))
     with caplog.at_level(logging.WARNING):
         plan = make_plan(
-            system, cfg, dicts, {}, plan_inputs(system, cfg, {"d": "x"}, {}, 40), _calibrate(9.0)
+            system,
+            cfg,
+            dicts,
+            {},
+            plan_inputs(system, cfg, {"d": "x"}, {}, 40),
+            fake_calibration(9.0),
         )
     assert [m for m in caplog.messages if "under 10 iterations" in m]  # the plan says it
     caplog.clear()
@@ -511,7 +594,7 @@ def test_a_starved_phase_is_warned_once(synthetic_data, tmp_path, caplog):
     )
     with caplog.at_level(logging.WARNING):
         starved = replan_after(
-            system, cfg, plan, "PRETRAIN", overran, scorer, lambda: dicts, _calibrate(9.0)
+            system, cfg, plan, "PRETRAIN", overran, scorer, lambda: dicts, fake_calibration(9.0)
         )
     assert starved["seconds"] == 0 and "under 10 iterations" in starved["warning"]
     assert "scale" in starved  # measured and re-planned at another scale, ...
@@ -621,7 +704,9 @@ def test_a_budgeted_run_keeps_pace_with_a_machine_slower_than_its_calibration(
     from direct_pretrain import pipeline
 
     monkeypatch.setattr(
-        pipeline, "planned_config", functools.partial(planned_config, calibrate=_calibrate(0.01))
+        pipeline,
+        "planned_config",
+        functools.partial(planned_config, calibrate=fake_calibration(0.01)),
     )
     cfg = _tiny_budget_cfg(synthetic_data, tmp_path, budget=0.2)
     with caplog.at_level(logging.WARNING):

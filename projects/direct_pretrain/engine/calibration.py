@@ -60,4 +60,9 @@ def time_steps(pcfg, warmup: int = 2, steps: int = 4) -> dict:
         seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     del trainer, loader
-    return {"seconds_per_iter": round(seconds, 4), "peak_mb": round(peak, 1), "steps": steps}
+    return {
+        "seconds_per_iter": round(seconds, 4),
+        "peak_mb": round(peak, 1),
+        "steps": steps,
+        "warmup": warmup,
+    }

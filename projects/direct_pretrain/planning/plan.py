@@ -11,6 +11,7 @@ and reused as long as its inputs (config, data, budget, device) are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,8 +34,10 @@ from ..utils.io import atomic_write_text, plain
 from .rules import (
     ADAPT_ITERATIONS,
     CPU_BATCH,
+    CPU_BATCH_CAP,
     GPU_BATCH_CAP,
     MIN_ITERATIONS,
+    PROBE_SHARE,
     Choice,
     DataFigures,
     anchor_recall,
@@ -42,6 +45,7 @@ from .rules import (
     batch_and_lr,
     budget_crop,
     choose_anchor_sizes,
+    cpu_batch,
     feature_strides,
     finetune_candidates,
     finetune_scale,
@@ -236,21 +240,22 @@ def make_plan(
             planner.add(phase, roi_batch(data, scales[phase], crop))
         if planner.keep_group(phase, ("IMS_PER_BATCH",)):  # the LR follows your batch
             yours = system.resolve(cfg, phase).IMS_PER_BATCH
-            for choice in batch_and_lr(phase, yours, "yours"):
-                planner.add(phase, choice)
-        elif not device.startswith("cuda"):
-            for choice in batch_and_lr(phase):
+            for choice in batch_and_lr(Choice("IMS_PER_BATCH", yours, "yours")):
                 planner.add(phase, choice)
     calibration = {}
     for phase in phases:
         planned_cfg = system.with_values(cfg, planner.values())
-        if device.startswith("cuda") and not planner.keep_group(phase, ("IMS_PER_BATCH",)):
+        if planner.keep_group(phase, ("IMS_PER_BATCH",)):
+            calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+            continue
+        if device.startswith("cuda"):
             batch = _gpu_batch(system, planned_cfg, phase, inputs, calibrate)
-            why = "GPU: the largest batch whose measured memory fits 80% of the GPU"
-            for choice in batch_and_lr(phase, batch, why):
-                planner.add(phase, choice)
-            planned_cfg = system.with_values(cfg, planner.values())
-        calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+            planned_cfg = _with_batch(system, planned_cfg, phase, batch.value)
+            calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+        else:
+            batch, calibration[phase] = _cpu_batch(system, planned_cfg, phase, inputs, calibrate)
+        for choice in batch_and_lr(batch):
+            planner.add(phase, choice)
     budget, free = _split_budget(planner, system, cfg, phases, scales, calibration, inputs)
     for phase in free:
         if not planner.keep_group(phase, SIZE_KEYS):
@@ -343,17 +348,63 @@ def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -
     return {**timing, "ims_per_batch": resolved.IMS_PER_BATCH}
 
 
-def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> int:
+def _with_batch(system: ConfigSystem, cfg, phase: str, batch: int):
+    return system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): batch})
+
+
+def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> Choice:
     """The total batch whose per-GPU part is the largest power of two that, extrapolated from
     the memory of a probe at the CPU batch, fits ``GPU_MEMORY_SHARE`` of the GPU (capped)."""
     world = comm.get_world_size()
-    per_gpu = max(1, CPU_BATCH[phase] // world)
-    probe_cfg = system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): per_gpu * world})
+    probe = max(1, CPU_BATCH[phase] // world)
+    probe_cfg = _with_batch(system, cfg, phase, probe * world)
     peak = _calibrate(system, probe_cfg, phase, inputs, calibrate)["peak_mb"]
     total = torch.cuda.get_device_properties(0).total_memory / 2**20
-    fits = GPU_MEMORY_SHARE * total / max(peak / per_gpu, 1.0)
+    fits = GPU_MEMORY_SHARE * total / max(peak / probe, 1.0)
     per_gpu = 2 ** max(0, int(math.log2(max(1.0, fits))))
-    return int(min(GPU_BATCH_CAP[phase], per_gpu * world))
+    return Choice(
+        "IMS_PER_BATCH",
+        int(min(GPU_BATCH_CAP[phase], per_gpu * world)),
+        f"GPU: the largest batch whose measured memory fits {GPU_MEMORY_SHARE:.0%} of the GPU",
+        f"{peak:.0f} MB per GPU at {probe} images, of {total:.0f} MB",
+    )
+
+
+def _cpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate):
+    """The CPU batch (:func:`.rules.cpu_batch`: doubling from ``CPU_BATCH`` while it pays; a
+    doubling whose steps would cost over ``PROBE_SHARE`` of the budget is not timed) and its
+    timing. A doubling that wins is checked against the batch before it, timed again: a run's
+    first timing reads its images cold (measured: 3.3 images/s at batch 8, then 3.8), and each
+    batch keeps its fastest timing."""
+    timings: dict[int, dict] = {}
+
+    def time_batch(batch: int) -> None:
+        probe = _with_batch(system, cfg, phase, batch)
+        timing = _calibrate(system, probe, phase, inputs, calibrate)
+        if batch not in timings or timing["seconds_per_iter"] < timings[batch]["seconds_per_iter"]:
+            timings[batch] = timing
+
+    def chosen() -> int:
+        return cpu_batch({b: t["seconds_per_iter"] for b, t in timings.items()}).value
+
+    batch, note = CPU_BATCH[phase], ""
+    time_batch(batch)
+    while 2 * batch <= CPU_BATCH_CAP[phase]:
+        timing = timings[batch]
+        cost = 2 * timing["seconds_per_iter"] * (timing["steps"] + timing.get("warmup", 0))
+        if cost > PROBE_SHARE * 60.0 * inputs["budget_minutes"]:
+            note = f"; {2 * batch} not timed (~{cost:.0f} s, over {PROBE_SHARE:.0%} of the budget)"
+            break
+        time_batch(2 * batch)
+        if chosen() == 2 * batch:
+            time_batch(batch)
+        if chosen() != 2 * batch:
+            break
+        batch *= 2
+    timed = {b: t["seconds_per_iter"] for b, t in sorted(timings.items())}
+    choice = cpu_batch(timed)
+    choice = dataclasses.replace(choice, figure=choice.figure + note)
+    return choice, {**timings[choice.value], "timed_batches": timed}
 
 
 def _split_budget(planner, system, cfg, phases, scales, calibration, inputs):

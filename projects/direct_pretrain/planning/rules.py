@@ -31,6 +31,9 @@ __all__ = [
     "budget_crop",
     "batch_and_lr",
     "choose_anchor_sizes",
+    "cpu_batch",
+    "CPU_BATCH_CAP",
+    "PROBE_SHARE",
     "feature_strides",
     "finetune_candidates",
     "finetune_scale",
@@ -75,6 +78,13 @@ ROI_BOUNDS = (64, 512)
 # Images per iteration on CPU (per phase) and the cap on GPU; the LR scaling rule's anchors.
 CPU_BATCH = {"PRETRAIN": 8, "FINETUNE": 4}
 GPU_BATCH_CAP = {"PRETRAIN": 64, "FINETUNE": 16}
+# On CPU the batch doubles from CPU_BATCH while the measured images per second grow by more than
+# CPU_BATCH_GAIN (less is within this machine's drift: the demo's phases measured flat within 6%
+# from 4 images on, BENCHMARKS section 1), up to CPU_BATCH_CAP. A doubling is not timed when its
+# steps would take more than PROBE_SHARE of the budget.
+CPU_BATCH_GAIN = 1.1
+CPU_BATCH_CAP = {"PRETRAIN": 32, "FINETUNE": 16}
+PROBE_SHARE = 0.05
 # Epochs a phase should get at least: when the budget cannot pay them at the planned input,
 # the phase trains on smaller random crops at the same scale (not below MIN_CROP px).
 MIN_EPOCHS = {"PRETRAIN": 12.0, "FINETUNE": 3.0}
@@ -390,20 +400,35 @@ def roi_batch(data: DataFigures, scale: float, crop: tuple[int, int] | None) -> 
     )
 
 
-def batch_and_lr(phase: str, batch: int | None = None, why: str = "") -> list[Choice]:
-    """Images per iteration (by default the CPU's, ``CPU_BATCH``) and the LR scaled with it:
-    0.0025 per image up to 8 images, Detectron2's 0.02 per 16 images (linear scaling) beyond."""
-    if batch is None:
-        batch = CPU_BATCH[phase]
-        why = f"CPU: {batch} images per iteration"
-    lr = max(0.0025 * min(batch, 8), 0.00125 * batch)
+def cpu_batch(timed: dict[int, float]) -> Choice:
+    """The batch of ``timed`` (``{batch: seconds per iteration}``, doubling from ``CPU_BATCH``)
+    where doubling stops paying: each doubling is kept while its images per second beat the
+    batch before by more than ``CPU_BATCH_GAIN``."""
+    rates = {b: b / max(s, 1e-9) for b, s in sorted(timed.items())}
+    chosen = min(rates)
+    for batch in sorted(rates)[1:]:
+        if rates[batch] <= CPU_BATCH_GAIN * rates[chosen]:
+            break
+        chosen = batch
+    return Choice(
+        "IMS_PER_BATCH",
+        chosen,
+        f"CPU: doubled while images/s grow by more than {CPU_BATCH_GAIN - 1:.0%}",
+        "images/s " + ", ".join(f"{b}: {r:.2f}" for b, r in rates.items()),
+    )
+
+
+def batch_and_lr(batch: Choice) -> list[Choice]:
+    """The batch choice and the LR scaled with it: 0.0025 per image up to 8 images, Detectron2's
+    0.02 per 16 images (linear scaling) beyond."""
+    lr = max(0.0025 * min(batch.value, 8), 0.00125 * batch.value)
     return [
-        Choice("IMS_PER_BATCH", batch, why),
+        batch,
         Choice(
             "BASE_LR",
             round(lr, 5),
             "0.0025 x batch up to 8, then 0.02 x batch / 16",
-            f"batch {batch}",
+            f"batch {batch.value}",
         ),
     ]
 
@@ -456,18 +481,33 @@ def schedule_split(scale_change: float) -> Choice:
     )
 
 
+def _significant(value: float, digits: int = 3) -> float:
+    """``value`` rounded to ``digits`` significant digits."""
+    return round(value, digits - math.ceil(math.log10(value)))
+
+
 def phase_schedule(
     phase: str, seconds: float, seconds_per_iter: float, batch: int, num_images: int
 ) -> list[Choice]:
-    """EPOCHS, LR steps, warmup, evaluation and checkpoint periods filling ``seconds``."""
+    """MAX_ITER filling ``seconds`` (EPOCHS says what it covers), LR steps, warmup, evaluation
+    and checkpoint periods."""
     iters = max(MIN_ITERATIONS, int(seconds / seconds_per_iter))
-    epochs = round(iters * batch / max(1, num_images), 2)
-    figure = f"{seconds / 60:.1f} min at {seconds_per_iter:.2f} s/iteration: {iters} iterations"
-    steps = () if phase == "PRETRAIN" else (round(0.75 * epochs, 2),)
+    epochs = _significant(iters * batch / max(1, num_images))
+    steps = () if phase == "PRETRAIN" else (_significant(0.75 * epochs),)
     warmup = min(max(iters // 5, MIN_WARMUP), 1000)
     return [
-        Choice("EPOCHS", epochs, "the phase's share of the budget", figure),
-        Choice("MAX_ITER", 0, "length from EPOCHS"),
+        Choice(
+            "MAX_ITER",
+            iters,
+            "the phase's share of the budget",
+            f"{seconds / 60:.1f} min at {seconds_per_iter:.2f} s/iteration",
+        ),
+        Choice(
+            "EPOCHS",
+            epochs,
+            "what MAX_ITER covers (LR steps are in epochs)",
+            f"{iters} iterations of {batch} images, {num_images} training images",
+        ),
         Choice("DATASET_REPEAT", 1, "length from EPOCHS"),
         Choice(
             "STEP_EPOCHS",
