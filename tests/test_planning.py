@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -678,8 +679,12 @@ def test_a_phase_that_slows_down_is_replanned_to_fit_its_budget():
     # faster than planned: more iterations fit
     change, _ = _pace(100.0, 50, 1.0, 50)
     assert change.iterations == 25 + int(75 / 1.0) and change.planned == 50
-    # a resumed phase past both checks keeps its length
-    assert _pace(100.0, 100, 3.0, 10, start=40) == (None, [])
+    # a slowdown after the half is caught at 3/4 (75 s: iteration 62, speed since the start)
+    change, _ = _pace(100.0, 100, 1.0, 100, slow_after=55)
+    assert (change.done, change.seconds) == (62, 76.0)
+    assert change.iterations == max(62 + int(24 / (75 / 61)), math.ceil(62 * 4 / 3)) == 83
+    # a resumed phase past all checks keeps its length
+    assert _pace(100.0, 100, 3.0, 10, start=80) == (None, [])
     # an iteration that takes the whole budget: a third more iterations than done at least (an
     # LR step at 3/4 of the phase stays ahead)
     change, _ = _pace(10.0, 1000, 1.0, 100, slow_after=4, factor=20)

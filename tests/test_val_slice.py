@@ -86,12 +86,26 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
         assert ran["DATASETS"]["TRAIN"] == [
             held["dataset"].replace("val-slice", "tiny_train-without-val-slice")
         ]
-    # Whatever the tiny models score, make the fine-tune the worse one on the slice.
-    for phase, ap in (("pretrain", 50.0), ("finetune", 10.0)):
+    # Whatever the tiny models score, make the fine-tune the worse one on the slice: the
+    # pre-trained model finds every box, the fine-tuned one nothing.
+    slice_gt = json.loads((tmp_path / "val_slice_coco.json").read_text())
+
+    def detect(phase: str, images: set, ap: float) -> None:
+        boxes = [
+            {**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 0.9}
+            for a in slice_gt["annotations"]
+            if a["image_id"] in images
+        ]
+        found = tmp_path / phase / "val_slice" / "inference" / "coco_instances_results.json"
+        found.write_text(json.dumps(boxes))
         cache = tmp_path / phase / "val_slice_eval.json"
         saved = json.loads(cache.read_text())
         saved["results"]["bbox"]["AP"] = ap
         cache.write_text(json.dumps(saved))
+
+    every = {image["id"] for image in slice_gt["images"]}
+    detect("pretrain", every, 100.0)
+    detect("finetune", set(), 0.0)
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the slice evaluation saved in the phase folder is not reused")
@@ -100,13 +114,13 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
     with caplog.at_level(logging.INFO):
         summary = run_pipeline(cfg)  # the same command: every phase is skipped
     message = (
-        "Phase FINETUNE ends below phase PRETRAIN on the validation slice (AP 10.0 vs 50.0, under "
-        "90% of it): the "
-        "run's final model is PRETRAIN's (both kept in their folders)"
+        "Phase FINETUNE ends below phase PRETRAIN on the validation slice (AP 0.0 vs 100.0, ahead "
+        "on every leave-one-out of its 2 images by the same margin): the run's final model is "
+        "PRETRAIN's (both kept in their folders)"
     )
     assert message in caplog.messages and message in summary["warnings"]
     assert summary["final_phase"] == "PRETRAIN"
-    assert summary["val_slice"]["box_ap"] == {"PRETRAIN": 50.0, "FINETUNE": 10.0}
+    assert summary["val_slice"]["box_ap"] == {"PRETRAIN": 100.0, "FINETUNE": 0.0}
     assert summary["val_slice"]["reused"] == ["PRETRAIN", "FINETUNE"]
     assert json.loads((tmp_path / "summary.json").read_text())["final_phase"] == "PRETRAIN"
     final, pre = _model(tmp_path / "model_final.pth"), _model(
@@ -122,12 +136,13 @@ def test_a_run_ends_with_the_phase_that_scores_best_on_the_slice(
     index = (tmp_path / "report" / "index.md").read_text()
     assert "**Final model: PRETRAIN's, not the last phase's**" in index and message in index
     assert load_run(tmp_path, device="cpu").INPUT.MIN_SIZE_TEST == 32  # predict.py --run
-    # Within the slice's noise (90% of the best), the last phase's model stays the run's.
-    cache = tmp_path / "finetune" / "val_slice_eval.json"
-    cache.write_text(json.dumps({**json.loads(cache.read_text()), "results": {"bbox": {"AP": 46}}}))
+    # Within the slice's noise, the last phase's model stays the run's: it finds the boxes of one
+    # of the two images (AP 100 vs 50, but leaving out either image moves the gap from 0 to 100)
+    detect("finetune", {min(every)}, 50.0)
     with caplog.at_level(logging.INFO):
         assert run_pipeline(cfg)["final_phase"] == "FINETUNE"
-    assert any("within 90% of it, the slice's noise" in m for m in caplog.messages)
+    noise = "standard errors of the paired jackknife over its 2 images, within 2: the slice's"
+    assert any(noise in m for m in caplog.messages)
     # An evaluation interrupted before its file was written, or of another model, is redone.
     (tmp_path / "pretrain" / "val_slice_eval.json").unlink()
     cache = tmp_path / "finetune" / "val_slice_eval.json"

@@ -34,9 +34,6 @@ __all__ = [
 
 # No slice is carved from a training set smaller than this.
 MIN_TRAIN_IMAGES = 20
-# Box APs on the slice within this share of the best are ties (the slice is small: a few
-# images judge noisily): a later phase or a larger scale within it is preferred.
-SLICE_TOLERANCE = 0.9
 # Metadata of a training dataset without the slice: the slice's dataset name.
 _SLICE_ATTR = "val_slice"
 

@@ -59,7 +59,7 @@ class BudgetPace(HookBase):
         budget_seconds: float,
         until: int | None = None,
         min_length: int = 1,
-        at: tuple[float, ...] = (0.25, 0.5),
+        at: tuple[float, ...] = (0.25, 0.5, 0.75),
         tolerance: float = 0.1,
         min_iterations: int = 3,
     ) -> None:
