@@ -272,7 +272,7 @@ def test_a_cpu_that_is_faster_per_image_at_larger_batches_gets_them_up_to_the_ca
     row = next(c for c in plan["choices"] if c["key"] == "DIRECT_PRETRAIN.PRETRAIN.IMS_PER_BATCH")
     assert (row["value"], row["figure"]) == (
         8,
-        "images/s 8: 16.00; 16 not timed (~4 s, over 5% of the budget)",
+        "images/s 8: 16.00 at 160-px inputs; 16 not timed (~4 s, over 5% of the budget)",
     )
 
 

@@ -348,6 +348,13 @@ def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -
     return {**timing, "ims_per_batch": resolved.IMS_PER_BATCH}
 
 
+def _input_side(resolved) -> int:
+    """The long side (px) of a resolved phase's training inputs: its crop, else its resize."""
+    if resolved.AUGMENTATION == "fixed_size_crop":
+        return max(resolved.CROP_SIZE)
+    return max(resolved.MAX_SIZE_TRAIN, *resolved.MIN_SIZE_TRAIN)
+
+
 def _with_batch(system: ConfigSystem, cfg, phase: str, batch: int):
     return system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): batch})
 
@@ -403,7 +410,8 @@ def _cpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate):
         batch *= 2
     timed = {b: t["seconds_per_iter"] for b, t in sorted(timings.items())}
     choice = cpu_batch(timed)
-    choice = dataclasses.replace(choice, figure=choice.figure + note)
+    side = _input_side(system.resolve(cfg, phase))
+    choice = dataclasses.replace(choice, figure=f"{choice.figure} at {side}-px inputs{note}")
     return choice, {**timings[choice.value], "timed_batches": timed}
 
 
@@ -449,10 +457,7 @@ def _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibra
     (:func:`.rules.budget_crop`), timed again."""
     system, cfg = planner.system, planner.cfg
     resolved = system.resolve(system.with_values(cfg, planner.values()), phase)
-    if resolved.AUGMENTATION == "fixed_size_crop":
-        side = max(resolved.CROP_SIZE)
-    else:
-        side = max(resolved.MAX_SIZE_TRAIN, *resolved.MIN_SIZE_TRAIN)
+    side = _input_side(resolved)
     speed = calibration[phase]["seconds_per_iter"]
     epochs = seconds / speed * resolved.IMS_PER_BATCH / max(1, inputs["num_images"])
     choices = budget_crop(data, phase, scale, side, epochs)
