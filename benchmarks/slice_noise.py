@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from direct_pretrain.final_choice import paired_jackknife
+from direct_pretrain.final_choice import paired_jackknife, slice_detections
+from direct_pretrain.run_folder import VAL_SLICE_JSON
 
 from common import table
 
 PHASES = ("pretrain", "finetune")
-DETECTIONS = "val_slice/inference/coco_instances_results.json"
 
 
 def slice_noise(run: str) -> list:
     """[run, images, pre-train AP, fine-tune AP, difference, jackknife SE, z]."""
-    gt = f"{run}/val_slice_coco.json"
-    pretrain, finetune, se = paired_jackknife(gt, *(f"{run}/{p}/{DETECTIONS}" for p in PHASES))
-    with open(gt) as f:
-        n = len(json.load(f)["images"])
+    gt = Path(run) / VAL_SLICE_JSON
+    found = [str(slice_detections(Path(run) / phase)) for phase in PHASES]
+    pretrain, finetune, se = paired_jackknife(str(gt), *found)
+    n = len(json.loads(gt.read_text())["images"])
     diff = pretrain - finetune
     return [
         run,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from direct_pretrain import get_cfg
+from direct_pretrain.planning.rules import CPU_BATCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,8 +134,6 @@ def fake_calibration(seconds: float = 0.5):
     """A planner calibration that times nothing: ``seconds`` per iteration at the planner's CPU
     batch, proportionally more at larger batches (the same images per second, as measured on
     CPU); ``.calls`` lists the phases and batches it was asked for."""
-    from direct_pretrain.planning.rules import CPU_BATCH
-
     calls = []
 
     def calibrate(pcfg):

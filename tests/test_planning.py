@@ -17,9 +17,9 @@ import yaml
 
 from direct_pretrain.config import get_cfg
 from direct_pretrain.config_systems import system_of
-from direct_pretrain.engine import BudgetPace, PaceChanged
+from direct_pretrain.engine import BudgetPace, PaceChanged, time_steps
 from direct_pretrain.phases import schedule
-from direct_pretrain.pipeline import PhaseStateError
+from direct_pretrain.pipeline import PhaseStateError, prepare_config
 from direct_pretrain.planning import (
     PLAN_FILE,
     PlanChangedError,
@@ -773,9 +773,6 @@ def test_a_measured_fine_tune_scale_is_drawn_in_the_box_size_figure(
 def test_the_calibration_times_a_large_lr_without_diverging(synthetic_data, tmp_path):
     """The timed steps run from random weights at a warmup's first LR: at the full LR of a large
     batch they diverged (the demo's pre-training at batch 16, LR 0.04)."""
-    from direct_pretrain.engine import time_steps
-    from direct_pretrain.pipeline import prepare_config
-
     cfg = tiny_cfg(synthetic_data, tmp_path)
     cfg.DIRECT_PRETRAIN.PRETRAIN.BASE_LR = 1000.0
     cfg, num_images = prepare_config(cfg)

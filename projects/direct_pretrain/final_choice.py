@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_on_slice",
     "hold_out_val_slice",
     "paired_jackknife",
+    "slice_detections",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ logger = logging.getLogger(__name__)
 # fine-tuned one, at 2.46 and 0.74 standard errors; the fine-tune led on the test tiles on all
 # 6 (BENCHMARKS.md section 7).
 SLICE_Z = 2.0
-# Where an evaluation writes its detections (Detectron2's COCOEvaluator).
-_DETECTIONS = os.path.join("inference", "coco_instances_results.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,10 +304,7 @@ def _slice_z(system: ConfigSystem, cfg, better: str, last: str, val_slice: ValSl
     """How many standard errors phase ``better`` leads phase ``last`` by on the slice, from
     the detections their slice evaluations wrote; None where they are missing."""
     root = Path(system.output_dir(cfg))
-    found = [
-        root / system.resolve(cfg, name).folder / VAL_SLICE_DIR / _DETECTIONS
-        for name in (better, last)
-    ]
+    found = [slice_detections(root / system.resolve(cfg, name).folder) for name in (better, last)]
     if not all(path.is_file() for path in found):
         return None
     better_ap, last_ap, error = paired_jackknife(val_slice.json_file, *map(str, found))
@@ -316,6 +312,12 @@ def _slice_z(system: ConfigSystem, cfg, better: str, last: str, val_slice: ValSl
     if error == 0:
         return math.inf if difference > 0 else 0.0
     return difference / error
+
+
+def slice_detections(phase_folder: str | os.PathLike) -> Path:
+    """The detections a phase's final model made on the validation slice (the COCO results file
+    Detectron2's COCOEvaluator writes under ``<phase folder>/val_slice``)."""
+    return Path(phase_folder) / VAL_SLICE_DIR / "inference" / "coco_instances_results.json"
 
 
 def _coco_ap(gt: COCO, detections: COCO | None, images: list[int]) -> float:

@@ -507,7 +507,7 @@ def phase_schedule(
             "what MAX_ITER covers (LR steps are in epochs)",
             f"{iters} iterations of {batch} images, {num_images} training images",
         ),
-        Choice("DATASET_REPEAT", 1, "length from EPOCHS"),
+        Choice("DATASET_REPEAT", 1, "an epoch is the training set once (MAX_ITER sets the length)"),
         Choice(
             "STEP_EPOCHS",
             steps,
