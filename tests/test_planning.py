@@ -381,6 +381,7 @@ def test_plan_only_prints_the_plan_and_trains_nothing(synthetic_data, tmp_path):
     assert set(plan["calibration"]) == {"PRETRAIN", "FINETUNE"}
     log = (tmp_path / "log.txt").read_text()
     assert "PRETRAIN.SCALE" in log and "yours" in log and "Budget 0.5 min" in log
+    assert f"Planning took {plan['planning_seconds'] / 60:.1f} min" in log
     assert not (tmp_path / "pretrain").exists() and not (tmp_path / "finetune").exists()
     assert (tmp_path / "report" / "box_sizes.png").is_file()
     assert (tmp_path / "fingerprint.json").is_file()
@@ -402,8 +403,10 @@ def test_a_budgeted_run_reports_the_budget_against_the_time_used(synthetic_data,
     for replanned in plan.get("replanned", {}).values():
         planned_epochs = replanned["values"].get("DIRECT_PRETRAIN.FINETUNE.EPOCHS", planned_epochs)
     assert saved["DIRECT_PRETRAIN.FINETUNE.EPOCHS"] == planned_epochs
+    assert budget["planning_seconds"] == plan["planning_seconds"] > 0  # calibration, apart
     index = (tmp_path / "report" / "index.md").read_text()
     assert "## Budget: 0.2 minutes" in index and "box_sizes.png" in index
+    assert f"{plan['planning_seconds'] / 60:.1f} min, not counted in the budget" in index
     # the same command resumes: nothing is re-planned, both phases are skipped
     again = run_pipeline(cfg, user_keys={})
     assert again["phases"].keys() == summary["phases"].keys()

@@ -224,5 +224,7 @@ def test_a_planned_fine_tune_scale_is_measured_on_the_slice(data24, tmp_path, ca
     assert ran["INPUT"]["MIN_SIZE_TEST"] == 32 * round(64 * scale / 32)
     assert any("validation slice" in m and m.startswith("Plan: ") for m in caplog.messages)
     assert summary["budget"]["measured"]["FINETUNE"]["figure"] == measured["figure"]
+    measuring = plan["replanned"]["FINETUNE"]["planning_seconds"]  # the slice's evaluations
+    assert summary["budget"]["planning_seconds"] == round(plan["planning_seconds"] + measuring, 1)
     index = (tmp_path / "report" / "index.md").read_text()
     assert f"FINETUNE scale x{scale:.2f}: " in index

@@ -631,6 +631,11 @@ def _budget_used(plan: dict, phases: dict) -> dict:
         "planned_seconds": planned,
         "used_seconds": used,
         "eval_seconds": {n: phases[n]["eval_seconds"] for n in used},
+        "planning_seconds": round(
+            plan.get("planning_seconds", 0.0)
+            + sum(r.get("planning_seconds", 0.0) for r in plan.get("replanned", {}).values()),
+            1,
+        ),
         "measured": {
             name: {k: r["measured"][k] for k in ("value", "rule", "figure")}
             for name, r in plan.get("replanned", {}).items()
@@ -642,10 +647,11 @@ def _budget_used(plan: dict, phases: dict) -> dict:
         },
     }
     logger.info(
-        "Budget %.1f min of training: used %s (evaluation apart: %s)",
+        "Budget %.1f min of training: used %s (evaluation apart: %s; planning apart: %.0f s)",
         budget["minutes"],
         ", ".join(f"{n} {used[n] / 60:.1f} of {planned[n] / 60:.1f} min" for n in used),
         ", ".join(f"{n} {budget['eval_seconds'][n]:.0f} s" for n in used),
+        budget["planning_seconds"],
     )
     return budget
 

@@ -272,6 +272,12 @@ def budget_table(budget: dict) -> list[str]:
         planned = budget["planned_seconds"].get(phase, 0.0)
         evaluation = budget["eval_seconds"].get(phase, 0.0)
         lines.append(f"| {phase} | {planned / 60:.1f} | {used / 60:.1f} | {evaluation / 60:.1f} |")
+    if budget.get("planning_seconds"):
+        lines += [
+            "",
+            f"Planning (fingerprint, calibration and batch timings, any scale measured on the "
+            f"slice): {budget['planning_seconds'] / 60:.1f} min, not counted in the budget.",
+        ]
     for phase, measured in (budget.get("measured") or {}).items():
         lines += [
             "",

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -210,6 +211,7 @@ def make_plan(
     Raises:
         PhaseConfigError: a pipeline with phases the planner does not plan.
     """
+    start = time.perf_counter()
     phases = pipeline_phases(cfg)
     data = DataFigures.of(dicts)
     device = inputs["device"]
@@ -288,6 +290,7 @@ def make_plan(
         "budget_seconds": budget,
         "choices": [c.row() for c in planner.choices],
         "values": planner.values(),
+        "planning_seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -599,6 +602,7 @@ def replan_after(
                 ADAPT_ITERATIONS,
             )
     if measurable:
+        start = time.perf_counter()
         data = DataFigures.of(train_dicts())
         choice = _measured_scale(plan, done, phase, data, measure)
         entry["measured"] = {**choice.row(), "phase": done}
@@ -606,12 +610,14 @@ def replan_after(
             values, speed = _plan_at_scale(
                 system, cfg, plan, phase, choice.value, seconds, data, calibrate
             )
+            entry["planning_seconds"] = round(time.perf_counter() - start, 1)
             reason = (
                 f"{timing} at scale {choice.value:.2f}, {choice.rule} ({choice.figure}), "
                 f"timed at {speed:.2f} s per iteration"
             )
             return {**entry, "scale": choice.value, "values": values, "reason": reason}
         timing = f"scale {choice.value:.2f} kept, {choice.rule} ({choice.figure}); {timing}"
+        entry["planning_seconds"] = round(time.perf_counter() - start, 1)
     on_time = abs(seconds - plan["budget_seconds"][phase]) <= (
         REPLAN_TOLERANCE * plan["budget_seconds"][phase]
     )
@@ -699,6 +705,11 @@ def plan_table(plan: dict) -> str:
         for p, s in plan["budget_seconds"].items()
     )
     lines.append(f"Budget {budget:g} min of training ({plan['inputs']['device']}): {split}.")
+    if "planning_seconds" in plan:
+        lines.append(
+            f"Planning took {plan['planning_seconds'] / 60:.1f} min (fingerprint, calibration and "
+            "batch timings), not counted in the budget."
+        )
     return "\n".join(lines)
 
 
