@@ -53,6 +53,7 @@ from direct_pretrain.predict import (  # noqa: E402
     run_score_threshold,
     start_job,
 )
+from direct_pretrain.utils.errors import UserError, stop  # noqa: E402
 from direct_pretrain.utils.io import atomic_write_json, ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
 
@@ -225,4 +226,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    try:
+        main(get_parser().parse_args())
+    except UserError as e:  # a refusal: its message says what to do; no traceback
+        stop(e)

@@ -36,6 +36,7 @@ from direct_pretrain.config_systems import system_of, user_set_keys  # noqa: E40
 from direct_pretrain.engine import StopRequested  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, plan_run, run_pipeline  # noqa: E402
 from direct_pretrain.utils.dist import build_on_main  # noqa: E402
+from direct_pretrain.utils.errors import ConfigError, UserError, stop  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.lock import RunLock  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
@@ -45,7 +46,13 @@ def setup(args) -> tuple:
     """Config (yacs .yaml with KEY VALUE options, or LazyConfig .py with a.b=c); the output
     folder's lock (``RunLock``), taken by the main process before anything is written there;
     logging of Detectron2 and of this project to the console and OUTPUT_DIR/log.txt."""
-    cfg = load_config(args.config_file, args.opts)
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    except UserError:
+        raise
+    except (KeyError, ValueError, FileNotFoundError, AssertionError) as e:  # yacs: AssertionError
+        reason = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) quotes
+        raise ConfigError(f"{args.config_file} {' '.join(args.opts)}: {reason}") from e
     output_dir = system_of(cfg).output_dir(cfg)
     if comm.is_main_process():
         ensure_writable_dir(output_dir)
@@ -63,8 +70,10 @@ def setup(args) -> tuple:
 
 
 def main(args) -> dict:
-    cfg, lock = setup(args)
+    logger = logging.getLogger("direct_pretrain")
+    lock = None
     try:
+        cfg, lock = setup(args)
         if args.eval_only:
             result = evaluate_weights(cfg, system_of(cfg).weights(cfg))
         elif args.plan_only:
@@ -72,14 +81,18 @@ def main(args) -> dict:
         else:
             result = run_pipeline(cfg, user_set_keys(args.config_file, args.opts))
     except StopRequested as e:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint was written
-        logging.getLogger("direct_pretrain").warning("%s", e)
+        logger.warning("%s", e)
         _end_processes()
         sys.exit(e.exit_code)
+    except UserError as e:  # a refusal: its message says what to do; no traceback
+        _end_processes()
+        stop(e)
     except Exception as e:  # the reason a run stopped belongs in log.txt too
-        logging.getLogger("direct_pretrain").error("Stopped: %s: %s", type(e).__name__, e)
+        logger.error("Stopped: %s: %s", type(e).__name__, e)
         raise
     finally:
-        lock.release()  # the process's end would release it too, however it ends
+        if lock is not None:
+            lock.release()  # the process's end would release it too, however it ends
     if not args.eval_only and not args.plan_only and comm.is_main_process():
         logging.getLogger("detectron2").info("Pipeline summary:\n%s", json.dumps(result, indent=1))
     comm.synchronize()

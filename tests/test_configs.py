@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from direct_pretrain import get_cfg
 from direct_pretrain.config import model_zoo_path
 from direct_pretrain.config_systems import load_config, system_of
 from direct_pretrain.phases import active_phases
+from direct_pretrain.utils.errors import EXIT_STATUS
 
 from conftest import ROOT
 
@@ -60,6 +63,25 @@ def test_unknown_key_is_named(tmp_path):
         get_cfg().merge_from_list(["DIRECT_PRETRAIN.PRETRAIN.IMS_PER_BATCH", "many"])
     with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
         load_config(str(tmp_path / "nowhere.yaml"))
+
+
+def test_train_net_stops_on_a_refused_setting_with_its_reason_and_no_traceback(tmp_path):
+    demo = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml")
+    for opts, reason in (
+        (["DIRECT_PRETRAIN.PRETRAIN.BASE_LRR", "0.1"], "ConfigError: "),  # yacs: a KeyError
+        (["DIRECT_PRETRAIN.PIPELINE", "['FOO']"], "PhaseConfigError: "),  # the project's own
+    ):
+        result = subprocess.run(
+            [sys.executable, "train_net.py", "--config-file", demo, "OUTPUT_DIR", str(tmp_path)]
+            + opts,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == EXIT_STATUS, result.stderr[-2000:]
+        assert f"Stopped: {reason}" in result.stderr and opts[0].split(".")[-1] in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
 
 
 LAZY_DEMO = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.py")

@@ -33,6 +33,7 @@ from direct_pretrain.predict import (  # noqa: E402
     export_model,
     load_run,
 )
+from direct_pretrain.utils.errors import UserError, stop  # noqa: E402
 from direct_pretrain.utils.logger import setup_project_logger  # noqa: E402
 
 
@@ -71,3 +72,5 @@ if __name__ == "__main__":
         main(get_parser().parse_args())
     except ExportError as e:
         sys.exit(f"Export failed: {e}")
+    except UserError as e:  # a refusal: its message says what to do; no traceback
+        stop(e)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import SafeCheckpointer, verify_checkpoint
+from .utils.errors import UserError
 from .utils.io import atomic_torch_save, atomic_write_json
 
 __all__ = [
@@ -54,7 +55,7 @@ POSITION_TABLE = "relative_position_bias_table"
 _MAX_LISTED = 20
 
 
-class BridgeError(ValueError):
+class BridgeError(UserError, ValueError):
     """The checkpoint does not fit the target model; the message names the keys."""
 
 

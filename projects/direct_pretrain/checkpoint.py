@@ -18,6 +18,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
+from .utils.errors import UserError
 from .utils.io import atomic_open, atomic_write_text, tensor_bytes
 
 __all__ = [
@@ -37,7 +38,7 @@ DAMAGED_SUFFIX = ".damaged"
 _CHECKPOINT_NAME = re.compile(r"model_(\d+|final)\.pth")
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(UserError, RuntimeError):
     """A checkpoint differs from the checksum recorded when it was written, or cannot be read."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from detectron2.config import CfgNode
 
+from .utils.errors import UserError
+
 __all__ = [
     "PhaseConfigError",
     "PhaseKind",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 
-class PhaseConfigError(ValueError):
+class PhaseConfigError(UserError, ValueError):
     """A phase setting is invalid or unsafe; the message names the key."""
 
 

@@ -94,6 +94,7 @@ from .run_folder import (
     saved_pixel_stats,
 )
 from .utils.dist import build_on_main
+from .utils.errors import UserError
 from .utils.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -119,7 +120,7 @@ RUN_DIR_VARIABLE = "$OUTPUT_DIR"
 DATA_PREFIX = "DATASET_FINGERPRINT."
 
 
-class PhaseStateError(RuntimeError):
+class PhaseStateError(UserError, RuntimeError):
     """A phase folder holds a run that this config cannot continue."""
 
 

@@ -27,6 +27,8 @@ import numpy as np
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
+from ..utils.errors import UserError
+
 __all__ = [
     "BAD_IMAGES_HINT",
     "BadImageError",
@@ -51,7 +53,7 @@ BAD_IMAGES_HINT = (
 )
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image of the dataset cannot be read, decoded or converted; the message names it."""
 
 

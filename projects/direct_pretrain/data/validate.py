@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
+from ..utils.errors import UserError
 from ..utils.io import atomic_write_json
 
 __all__ = [
@@ -57,7 +58,7 @@ _JSON_TYPES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file cannot be trained on; the message names the file and the ids."""
 
 

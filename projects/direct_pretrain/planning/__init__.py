@@ -13,6 +13,7 @@ from ..config import lookup
 from ..config_systems import ConfigSystem
 from ..phases import active_phases
 from ..run_folder import PHASE_KEYS_FILE
+from ..utils.errors import UserError
 from .figures import plot_box_sizes
 from .plan import (
     PLAN_FILE,
@@ -68,7 +69,7 @@ _NAMED = {
 }
 
 
-class PlanChangedError(RuntimeError):
+class PlanChangedError(UserError, RuntimeError):
     """The run folder holds phases trained with a plan that this command's inputs change."""
 
 

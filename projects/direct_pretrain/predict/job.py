@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..utils.errors import UserError
 from ..utils.io import atomic_write_json, flatten_dict
 from .writers import CSV_FILE, DRAWN_DIR, IMAGES_FILE, JOBS_FILE, RESULTS_FILE
 
@@ -17,7 +18,7 @@ __all__ = ["SETTINGS_FILE", "SettingsMismatchError", "file_identity", "start_job
 SETTINGS_FILE = "predict_settings.json"
 
 
-class SettingsMismatchError(ValueError):
+class SettingsMismatchError(UserError, ValueError):
     """The output folder holds predictions made with other settings."""
 
 

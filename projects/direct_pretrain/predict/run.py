@@ -28,6 +28,7 @@ from ..run_folder import (
     run_last_phase,
     saved_pixel_stats,
 )
+from ..utils.errors import UserError
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
@@ -41,7 +42,7 @@ __all__ = [
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
-class UnfinishedPhaseError(RuntimeError):
+class UnfinishedPhaseError(UserError, RuntimeError):
     """The phase whose final model was asked for has not finished."""
 
 

@@ -16,6 +16,8 @@ from typing import IO, Any, Callable, Iterator
 
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "DiskFullError",
     "atomic_open",
@@ -34,7 +36,7 @@ __all__ = [
 _DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """The disk, or the user's quota, filled up while a file was written (``errno`` ENOSPC or
     EDQUOT); the message names the file, the space needed and free, and what to do."""
 

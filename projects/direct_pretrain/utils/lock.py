@@ -10,6 +10,8 @@ import os
 import socket
 from pathlib import Path
 
+from .errors import UserError
+
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
 
 logger = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".run.lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process holds the output folder's lock."""
 
 
