@@ -10,6 +10,7 @@ import sys
 import torch
 
 from direct_pretrain.pipeline import run_pipeline
+from direct_pretrain.run_folder import DETECTIONS_FILE
 
 from conftest import ROOT, tiny_cfg, write_config
 
@@ -213,3 +214,12 @@ def test_slice_noise_gives_the_difference_and_its_jackknife_error(tmp_path, monk
     _, n, pretrain, finetune, difference, se, _ = row
     assert (n, pretrain) == (3, 100.0) and finetune < 100.0
     assert difference == round(pretrain - finetune, 1) and se > 0
+    # On the test set (the same three images here) the fine-tune leads: the slice disagrees.
+    (tmp_path / "test.json").write_text(json.dumps(gt))
+    for phase, hits in {"pretrain": (1, 2), "finetune": (1, 2, 3)}.items():
+        (tmp_path / phase / "inference").mkdir()
+        dets = [{"image_id": i, "category_id": 1, "bbox": box, "score": 0.9} for i in hits]
+        (tmp_path / phase / "inference" / DETECTIONS_FILE).write_text(json.dumps(dets))
+    row = _study(monkeypatch, "slice_noise").slice_noise(str(tmp_path), str(tmp_path / "test.json"))
+    test_difference, test_se, apart = row[7:]
+    assert test_difference == -difference and test_se == se and apart > 0

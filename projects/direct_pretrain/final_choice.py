@@ -38,7 +38,13 @@ from .data.val_slice import (
 )
 from .engine import evaluate
 from .phase_kinds import phase_kind
-from .run_folder import FINAL_MODEL, VAL_SLICE_DIR, VAL_SLICE_EVAL_FILE, VAL_SLICE_JSON
+from .run_folder import (
+    DETECTIONS_FILE,
+    FINAL_MODEL,
+    VAL_SLICE_DIR,
+    VAL_SLICE_EVAL_FILE,
+    VAL_SLICE_JSON,
+)
 from .utils.dist import build_on_main
 from .utils.io import atomic_write_json, file_signature
 
@@ -317,7 +323,7 @@ def _slice_z(system: ConfigSystem, cfg, better: str, last: str, val_slice: ValSl
 def slice_detections(phase_folder: str | os.PathLike) -> Path:
     """The detections a phase's final model made on the validation slice (the COCO results file
     Detectron2's COCOEvaluator writes under ``<phase folder>/val_slice``)."""
-    return Path(phase_folder) / VAL_SLICE_DIR / "inference" / "coco_instances_results.json"
+    return Path(phase_folder) / VAL_SLICE_DIR / "inference" / DETECTIONS_FILE
 
 
 def _coco_ap(gt: COCO, detections: COCO | None, images: list[int]) -> float:
