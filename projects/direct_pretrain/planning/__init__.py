@@ -19,16 +19,13 @@ from .plan import (
     PLAN_FILE,
     PLANNED_PHASES,
     apply_plan,
-    budget_seconds,
     make_plan,
-    phase_budget,
     plan_inputs,
     plan_table,
     read_plan,
-    replan_after,
-    replan_pace,
     write_plan,
 )
+from .replan import budget_seconds, phase_budget, replan_after, replan_pace
 from .rules import (
     DataFigures,
     anchor_recall,

@@ -3,9 +3,8 @@
 :func:`make_plan` applies the rules of :mod:`.rules` to the training set, keeps every key the
 user set (marked "yours", with the figure the rule would have used, and a warning where the
 value looks harmful), times each phase's training step at its planned sizes (calibration) and
-splits the budget into each phase's epochs. :func:`apply_plan` writes the planned values into
-a config; :func:`replan_after` re-plans the next phase's length from the time the previous
-phase really took, so that the budget holds. The plan is saved as ``OUTPUT_DIR/plan.yaml``
+splits the budget into each phase's epochs. :func:`apply_plan` writes the planned values (and
+the re-plans of :mod:`.replan`) into a config. The plan is saved as ``OUTPUT_DIR/plan.yaml``
 and reused as long as its inputs (config, data, budget, device) are the same.
 """
 
@@ -18,7 +17,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import yaml
@@ -27,13 +26,11 @@ from detectron2.utils import comm
 from ..config import lookup
 from ..config_systems import ConfigSystem
 from ..engine import time_steps
-from ..final_choice import SliceScorer
 from ..phase_kinds import PhaseConfigError
 from ..phases import active_phases
 from ..run_folder import PHASE_SAFE_KEYS
 from ..utils.io import atomic_write_text, plain
 from .rules import (
-    ADAPT_ITERATIONS,
     CPU_BATCH,
     CPU_BATCH_CAP,
     GPU_BATCH_CAP,
@@ -48,11 +45,9 @@ from .rules import (
     choose_anchor_sizes,
     cpu_batch,
     feature_strides,
-    finetune_candidates,
     finetune_scale,
     finetune_sizes,
     phase_schedule,
-    pick_measured_scale,
     pretrain_scale,
     pretrain_sizes,
     recall_text,
@@ -63,15 +58,16 @@ from .rules import (
 __all__ = [
     "PLAN_FILE",
     "PLANNED_PHASES",
+    "Planner",
+    "calibrate_phase",
+    "fit_crop",
+    "phase_key",
+    "plan_schedules",
     "apply_plan",
-    "budget_seconds",
     "make_plan",
-    "phase_budget",
     "plan_inputs",
     "plan_table",
     "read_plan",
-    "replan_after",
-    "replan_pace",
     "write_plan",
 ]
 
@@ -98,8 +94,6 @@ _UNUSED = {
 }
 # Shares of the GPU's memory the planned batch may fill.
 GPU_MEMORY_SHARE = 0.8
-# A phase's re-planned length replaces the planned one when they differ by more than this.
-REPLAN_TOLERANCE = 0.1
 
 
 def _set_where(where: str) -> str:
@@ -107,7 +101,7 @@ def _set_where(where: str) -> str:
     return f"set {'on' if where == 'the command line' else 'in'} {where}"
 
 
-def _phase_key(phase: str, key: str) -> str:
+def phase_key(phase: str, key: str) -> str:
     return f"DIRECT_PRETRAIN.{phase}.{key}"
 
 
@@ -117,7 +111,7 @@ def plan_inputs(
     """What a plan depends on: the config (less the keys a resume may change), the data, the
     budget, the device and the keys the user set. A saved plan is reused while they are equal."""
     safe = {*system.resume_safe_keys, "DIRECT_PRETRAIN.PHASE"}
-    safe |= {_phase_key(p, k) for p in PLANNED_PHASES for k in PHASE_SAFE_KEYS}
+    safe |= {phase_key(p, k) for p in PLANNED_PHASES for k in PHASE_SAFE_KEYS}
     flat = {
         k: v
         for k, v in system.flat(cfg).items()
@@ -142,7 +136,7 @@ def active_device(system: ConfigSystem, cfg) -> str:
     return system.resolve(cfg, active_phases(cfg)[0]).DEVICE
 
 
-class _Planner:
+class Planner:
     """Collects the choices of one plan; a key the user set is kept and marked."""
 
     def __init__(self, system: ConfigSystem, cfg, user: dict) -> None:
@@ -150,10 +144,10 @@ class _Planner:
         self.choices: list[Choice] = []
 
     def keep_group(self, phase: str, keys: Iterable[str]) -> bool:
-        return any(_phase_key(phase, k) in self.user for k in keys)
+        return any(phase_key(phase, k) in self.user for k in keys)
 
     def add(self, phase: str | None, choice: Choice) -> None:
-        key = choice.key if phase is None else _phase_key(phase, choice.key)
+        key = choice.key if phase is None else phase_key(phase, choice.key)
         if key in self.user:
             current = plain(lookup(self.cfg, key))
             choice = Choice(key, current, _set_where(self.user[key]), choice.figure, yours=True)
@@ -165,10 +159,10 @@ class _Planner:
         """Record a group the user set part of: its values stay the config's (those the phase
         uses: a fixed-size-crop phase ignores MIN/MAX_SIZE_TRAIN, a shortest-edge one SCALE,
         CROP_SIZE and RATIO_RANGE)."""
-        named = [k for k in keys if _phase_key(phase, k) in self.user]
+        named = [k for k in keys if phase_key(phase, k) in self.user]
         unused = _UNUSED[self.system.resolve(self.cfg, phase).AUGMENTATION]
         for key in keys:
-            full = _phase_key(phase, key)
+            full = phase_key(phase, key)
             where = self.user.get(full)
             if key in unused and not where:
                 continue
@@ -180,7 +174,7 @@ class _Planner:
 
     def replace(self, phase: str, choices: list[Choice], drop: Iterable[str] = ()) -> None:
         """Put ``choices`` in place of the planned ones of the same keys (and of ``drop``)."""
-        gone = {_phase_key(phase, k) for k in [*drop, *(c.key for c in choices)]}
+        gone = {phase_key(phase, k) for k in [*drop, *(c.key for c in choices)]}
         self.choices = [c for c in self.choices if c.key not in gone or c.yours]
         for choice in choices:
             self.add(phase, choice)
@@ -215,7 +209,7 @@ def make_plan(
     phases = pipeline_phases(cfg)
     data = DataFigures.of(dicts)
     device = inputs["device"]
-    planner = _Planner(system, cfg, user)
+    planner = Planner(system, cfg, user)
     scales: dict[str, float] = {}
     if "FINETUNE" in phases:
         if planner.keep_group("FINETUNE", SIZE_KEYS):
@@ -248,12 +242,12 @@ def make_plan(
     for phase in phases:
         planned_cfg = system.with_values(cfg, planner.values())
         if planner.keep_group(phase, ("IMS_PER_BATCH",)):
-            calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+            calibration[phase] = calibrate_phase(system, planned_cfg, phase, inputs, calibrate)
             continue
         if device.startswith("cuda"):
             batch = _gpu_batch(system, planned_cfg, phase, inputs, calibrate)
             planned_cfg = _with_batch(system, planned_cfg, phase, batch.value)
-            calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+            calibration[phase] = calibrate_phase(system, planned_cfg, phase, inputs, calibrate)
         else:
             batch, calibration[phase] = _cpu_batch(system, planned_cfg, phase, inputs, calibrate)
         for choice in batch_and_lr(batch):
@@ -261,10 +255,10 @@ def make_plan(
     budget, free = _split_budget(planner, system, cfg, phases, scales, calibration, inputs)
     for phase in free:
         if not planner.keep_group(phase, SIZE_KEYS):
-            _fit_crop(
+            fit_crop(
                 planner, data, phase, scales[phase], budget[phase], calibration, inputs, calibrate
             )
-    _schedules(planner, system, cfg, free, budget, calibration, inputs)
+    plan_schedules(planner, system, cfg, free, budget, calibration, inputs)
     for phase in free:
         speed = calibration[phase]["seconds_per_iter"]
         if budget[phase] < MIN_ITERATIONS * speed:
@@ -311,7 +305,7 @@ def _p10(data: DataFigures, scale: float) -> str:
     return f"10th-percentile box {data.side(10) * scale:.1f} px at your size"
 
 
-def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]) -> None:
+def _plan_anchors(planner: Planner, data: DataFigures, scales: dict[str, float]) -> None:
     layout = planner.system.anchor_layout(planner.cfg)
     if layout is None:
         return
@@ -330,14 +324,14 @@ def _plan_anchors(planner: _Planner, data: DataFigures, scales: dict[str, float]
     planner.add(None, choose_anchor_sizes(sizes_key, data, scales, sizes, ratios, strides))
 
 
-def _calibrate(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> dict:
+def calibrate_phase(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> dict:
     """Time phase ``phase``'s training step. It runs from random weights: a frozen-BN backbone
     (meant for trained weights) is timed with BN, which costs slightly more (the plan errs on
     the safe side) and does not overflow."""
     resolved = system.resolve(cfg, phase)
     note = {}
     if resolved.BACKBONE_NORM == "FrozenBN":
-        cfg = system.with_values(cfg, {_phase_key(phase, "BACKBONE_NORM"): "BN"})
+        cfg = system.with_values(cfg, {phase_key(phase, "BACKBONE_NORM"): "BN"})
         resolved = system.resolve(cfg, phase)
         note = {"timed_with": "BACKBONE_NORM BN in place of FrozenBN (random weights)"}
     pcfg = system.phase_config(cfg, resolved, inputs["num_images"])
@@ -359,7 +353,7 @@ def _input_side(resolved) -> int:
 
 
 def _with_batch(system: ConfigSystem, cfg, phase: str, batch: int):
-    return system.with_values(cfg, {_phase_key(phase, "IMS_PER_BATCH"): batch})
+    return system.with_values(cfg, {phase_key(phase, "IMS_PER_BATCH"): batch})
 
 
 def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -> Choice:
@@ -368,7 +362,7 @@ def _gpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate) -
     world = comm.get_world_size()
     probe = max(1, CPU_BATCH[phase] // world)
     probe_cfg = _with_batch(system, cfg, phase, probe * world)
-    peak = _calibrate(system, probe_cfg, phase, inputs, calibrate)["peak_mb"]
+    peak = calibrate_phase(system, probe_cfg, phase, inputs, calibrate)["peak_mb"]
     total = torch.cuda.get_device_properties(0).total_memory / 2**20
     fits = GPU_MEMORY_SHARE * total / max(peak / probe, 1.0)
     per_gpu = 2 ** max(0, int(math.log2(max(1.0, fits))))
@@ -390,7 +384,7 @@ def _cpu_batch(system: ConfigSystem, cfg, phase: str, inputs: dict, calibrate):
 
     def time_batch(batch: int) -> None:
         probe = _with_batch(system, cfg, phase, batch)
-        timing = _calibrate(system, probe, phase, inputs, calibrate)
+        timing = calibrate_phase(system, probe, phase, inputs, calibrate)
         if batch not in timings or timing["seconds_per_iter"] < timings[batch]["seconds_per_iter"]:
             timings[batch] = timing
 
@@ -455,7 +449,7 @@ def _split_budget(planner, system, cfg, phases, scales, calibration, inputs):
     return {k: round(v, 1) for k, v in seconds.items()}, free
 
 
-def _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibrate) -> None:
+def fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibrate) -> None:
     """Smaller crops for a phase the budget pays too few epochs at its planned input
     (:func:`.rules.budget_crop`), timed again."""
     system, cfg = planner.system, planner.cfg
@@ -471,10 +465,10 @@ def _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibra
         crop = tuple(next(c.value for c in choices if c.key == "CROP_SIZE"))
         planner.replace(phase, [roi_batch(data, scale, crop)])
     planned_cfg = system.with_values(cfg, planner.values())
-    calibration[phase] = _calibrate(system, planned_cfg, phase, inputs, calibrate)
+    calibration[phase] = calibrate_phase(system, planned_cfg, phase, inputs, calibrate)
 
 
-def _schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None:
+def plan_schedules(planner, system, cfg, free, seconds, calibration, inputs) -> None:
     """The length keys of each phase the plan sizes, filling its seconds."""
     planned_cfg = system.with_values(cfg, planner.values())
     for phase in free:
@@ -496,180 +490,6 @@ def apply_plan(system: ConfigSystem, cfg, plan: dict, paced: int | None = None):
         for change in changes[:paced]:
             values.update(change["values"])
     return system.with_values(cfg, values)
-
-
-def budget_seconds(plan: dict) -> dict[str, float]:
-    """Each phase's share of the budget in training seconds, as re-planned after the phase
-    before it."""
-    seconds = dict(plan["budget_seconds"])
-    for replanned in plan.get("replanned", {}).values():
-        seconds[replanned["phase"]] = replanned["seconds"]
-    return seconds
-
-
-def phase_budget(plan: dict, phase: str) -> float | None:
-    """``phase``'s :func:`budget_seconds`, or None where the user set its length."""
-    if _phase_key(phase, "MAX_ITER") not in plan["values"]:
-        return None
-    return budget_seconds(plan)[phase]
-
-
-def replan_pace(plan: dict, phase: str, change) -> dict:
-    """A re-plan of ``phase`` during its training (a :class:`~direct_pretrain.engine.PaceChanged`:
-    it ran off its calibrated speed): its length in iterations, which keeps its LR steps at the
-    same share of it, and evaluation every quarter."""
-    calibrated = plan["calibration"][phase]["seconds_per_iter"]
-    values = {
-        _phase_key(phase, "MAX_ITER"): int(change.iterations),
-        _phase_key(phase, "EVAL_PERIOD"): max(1, int(change.iterations) // 4),
-    }
-    reason = (
-        f"phase {phase} trains at {change.seconds_per_iter:.2f} s per iteration "
-        f"({change.seconds_per_iter / calibrated:.2f}x its calibration, {calibrated:.2f} s): "
-        f"after {change.done} iterations in {change.seconds:.0f} of its "
-        f"{phase_budget(plan, phase):.0f} s, {change.iterations} iterations fit instead of "
-        f"{change.planned}"
-    )
-    return {
-        "done": int(change.done),
-        "seconds_per_iter": round(float(change.seconds_per_iter), 3),
-        "values": {k: v for k, v in values.items() if k in plan["values"]},
-        "reason": reason,
-    }
-
-
-def replan_after(
-    system: ConfigSystem,
-    cfg,
-    plan: dict,
-    done: str,
-    record: dict,
-    measure: SliceScorer | None = None,
-    train_dicts: Callable[[], list[dict]] | None = None,
-    calibrate=time_steps,
-) -> dict | None:
-    """Re-plan the phase after ``done`` once ``done`` finished (its ``phase_done.json``
-    ``record``); None if nothing changes.
-
-    Its length follows the training seconds ``done`` really took, so that the budget holds,
-    and its speed ``done``'s drift from its calibration (a phase that kept pace,
-    :class:`~direct_pretrain.engine.BudgetPace`, ended on time but may have run slower).
-    With ``measure`` (scores ``done``'s model on the validation slice at a test size) and
-    ``train_dicts`` (loads the training set, only when a measurement is due), a short fine-tune
-    whose sizes the plan set gets the scale measured best (:func:`.rules.pick_measured_scale`):
-    its sizes, RoIs and length are planned again at that scale and timed. Saved in
-    ``plan.yaml``, a re-plan is kept on rerun.
-    """
-    phases = list(cfg.DIRECT_PRETRAIN.PIPELINE)
-    index = phases.index(done) if done in phases else -1
-    if index < 0 or index + 1 >= len(phases):
-        return None
-    phase = phases[index + 1]
-    if _phase_key(phase, "EPOCHS") not in plan["values"]:
-        return None  # the user set its length
-    used = float(record["wall_seconds"]) - float(record.get("eval_seconds", 0.0))
-    calibrated = plan["calibration"][done]["seconds_per_iter"]
-    drift = (used / max(1, record["iterations"])) / calibrated
-    spent = sum(plan["budget_seconds"][p] for p in phases[:index] if p in plan["budget_seconds"])
-    left = max(0.0, 60.0 * plan["inputs"]["budget_minutes"] - spent - used)
-    planned = sum(plan["budget_seconds"][p] for p in phases[index + 1 :])
-    seconds = left * plan["budget_seconds"][phase] / planned if planned else left
-    timing = (
-        f"phase {done} trained {used:.0f} s (planned {plan['budget_seconds'][done]:.0f} s; "
-        f"{drift:.2f}x the calibrated time per iteration): phase {phase} gets {seconds:.0f} s "
-        f"(planned {plan['budget_seconds'][phase]:.0f} s)"
-    )
-    entry = {"phase": phase, "seconds": round(seconds, 1)}
-    speed = plan["calibration"][phase]["seconds_per_iter"] * drift
-    if seconds < MIN_ITERATIONS * speed:
-        entry["warning"] = (
-            f"phase {done} took {used:.0f} s of the budget ({drift:.2f}x its calibrated time per "
-            f"iteration: was the machine shared?), leaving phase {phase} {seconds:.0f} s, under "
-            f"{MIN_ITERATIONS} iterations: it runs {MIN_ITERATIONS} and may end below phase "
-            f"{done}; raise DIRECT_PRETRAIN.BUDGET_MINUTES or train on an idle machine"
-        )
-    measurable = measure is not None and train_dicts is not None
-    measurable = measurable and _measurable(plan, done, phase)
-    if measurable and seconds / speed >= ADAPT_ITERATIONS:
-        measurable = False
-        if comm.is_main_process():
-            logger.info(
-                "Plan: phase %s gets %.0f iterations at scale %.2f, at least %d: enough to adapt "
-                "to the change of scale; the scale is not measured.",
-                phase,
-                seconds / speed,
-                plan["scales"][phase],
-                ADAPT_ITERATIONS,
-            )
-    if measurable:
-        start = time.perf_counter()
-        data = DataFigures.of(train_dicts())
-        choice = _measured_scale(plan, done, phase, data, measure)
-        entry["measured"] = {**choice.row(), "phase": done}
-        if choice.value != plan["scales"][phase]:
-            values, speed = _plan_at_scale(
-                system, cfg, plan, phase, choice.value, seconds, data, calibrate
-            )
-            entry["planning_seconds"] = round(time.perf_counter() - start, 1)
-            reason = (
-                f"{timing} at scale {choice.value:.2f}, {choice.rule} ({choice.figure}), "
-                f"timed at {speed:.2f} s per iteration"
-            )
-            return {**entry, "scale": choice.value, "values": values, "reason": reason}
-        timing = f"scale {choice.value:.2f} kept, {choice.rule} ({choice.figure}); {timing}"
-        entry["planning_seconds"] = round(time.perf_counter() - start, 1)
-    on_time = abs(seconds - plan["budget_seconds"][phase]) <= (
-        REPLAN_TOLERANCE * plan["budget_seconds"][phase]
-    )
-    if on_time and abs(drift - 1.0) <= REPLAN_TOLERANCE:  # (a phase that kept pace ends on time)
-        return {**entry, "values": {}, "reason": timing} if "measured" in entry else None
-    batch = plan["calibration"][phase]["ims_per_batch"]
-    choices = phase_schedule(phase, seconds, speed, batch, plan["inputs"]["num_images"])
-    values = {_phase_key(phase, c.key): plain(c.value) for c in choices}
-    values = {k: v for k, v in values.items() if k in plan["values"]}
-    return {**entry, "values": values, "reason": f"{timing} at {speed:.2f} s per iteration"}
-
-
-def _measurable(plan: dict, done: str, phase: str) -> bool:
-    """The plan set ``phase``'s sizes and it fine-tunes ``done``'s model at another scale."""
-    return (
-        phase == "FINETUNE"
-        and done in plan["scales"]
-        and _phase_key(phase, "AUGMENTATION") in plan["values"]
-    )
-
-
-def _measured_scale(plan: dict, done: str, phase: str, data: DataFigures, measure) -> Choice:
-    """The scale of ``phase`` at which ``done``'s model scores best, among the candidates."""
-    device = plan["inputs"]["device"]
-    scales = finetune_candidates(plan["scales"][done], plan["scales"][phase])
-    scored: dict[tuple[int, int], float | None] = {}  # scales may round to one test size
-    box_ap = []
-    for scale in scales:
-        test = {c.key: c.value for c in finetune_sizes(data, scale, device)}
-        size = (int(test["MIN_SIZE_TEST"]), int(test["MAX_SIZE_TEST"]))
-        if size not in scored:
-            scored[size] = measure(*size)
-        box_ap.append(scored[size])
-    return pick_measured_scale(scales, box_ap, measure.images)
-
-
-def _plan_at_scale(system, cfg, plan, phase, scale, seconds, data: DataFigures, calibrate):
-    """``phase``'s sizes, RoIs and length at ``scale`` filling ``seconds``, timed; the values
-    and the seconds per iteration."""
-    inputs = plan["inputs"]
-    planner = _Planner(system, apply_plan(system, cfg, plan), {})
-    for choice in finetune_sizes(data, scale, inputs["device"]):
-        planner.add(phase, choice)
-    if system.has_roi_heads(cfg):
-        resolved = system.resolve(system.with_values(planner.cfg, planner.values()), phase)
-        crop = resolved.CROP_SIZE if resolved.AUGMENTATION == "fixed_size_crop" else None
-        planner.add(phase, roi_batch(data, scale, crop))
-    planned_cfg = system.with_values(planner.cfg, planner.values())
-    calibration = {phase: _calibrate(system, planned_cfg, phase, inputs, calibrate)}
-    _fit_crop(planner, data, phase, scale, seconds, calibration, inputs, calibrate)
-    _schedules(planner, system, planner.cfg, [phase], {phase: seconds}, calibration, inputs)
-    return planner.values(), calibration[phase]["seconds_per_iter"]
 
 
 def write_plan(path: str, plan: dict) -> None:
