@@ -63,9 +63,9 @@ logger = logging.getLogger(__name__)
 # An earlier phase replaces the last one as the run's final model only when it scores a higher
 # box AP on the slice by more than this many standard errors (paired jackknife over the slice's
 # images). The plan study's 256-px tiles: with a "within 90% of the AP" rule the 10-image slice
-# chose the pre-trained model on 2 of 6 seeds, 1.9 and 5.2 AP worse on the test tiles than the
+# chose the pre-trained model on 2 of 8 seeds, 1.9 and 5.2 AP worse on the test tiles than the
 # fine-tuned one, at 2.46 and 0.74 standard errors; the fine-tune led on the test tiles on all
-# 6 (BENCHMARKS.md section 7).
+# 8 (BENCHMARKS.md section 7).
 SLICE_Z = 2.0
 
 
