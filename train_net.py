@@ -30,12 +30,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
 from direct_pretrain.config_systems import load_config  # noqa: E402
 from direct_pretrain.config_systems import system_of, user_set_keys  # noqa: E402
 from direct_pretrain.engine import StopRequested  # noqa: E402
 from direct_pretrain.pipeline import evaluate_weights, plan_run, run_pipeline  # noqa: E402
-from direct_pretrain.utils.dist import build_on_main  # noqa: E402
+from direct_pretrain.utils.dist import MainProcessError, build_on_main  # noqa: E402
 from direct_pretrain.utils.errors import ConfigError, UserError, stop  # noqa: E402
 from direct_pretrain.utils.io import ensure_writable_dir  # noqa: E402
 from direct_pretrain.utils.lock import RunLock  # noqa: E402
@@ -84,9 +85,10 @@ def main(args) -> dict:
         logger.warning("%s", e)
         _end_processes()
         sys.exit(e.exit_code)
-    except UserError as e:  # a refusal: its message says what to do; no traceback
-        _end_processes()
-        stop(e)
+    except (UserError, MainProcessError) as e:  # a refusal: its message says what to do; no
+        # traceback (MainProcessError: the main process shows the failure; the others' traceback
+        # would only show where they heard of it)
+        stop(e, cleanup=_end_processes)
     except Exception as e:  # the reason a run stopped belongs in log.txt too
         logger.error("Stopped: %s: %s", type(e).__name__, e)
         raise
@@ -121,11 +123,17 @@ if __name__ == "__main__":
             f"{' '.join(flags)} must come before the config overrides (KEY VALUE or a.b=c), "
             "e.g. train_net.py --config-file CFG --plan-only KEY VALUE"
         )
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker exited with a status after saying why
+        if e.exit_code is None:  # killed by a signal: the spawner's message is all there is
+            raise
+        print(f"train_net.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

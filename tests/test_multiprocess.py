@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,8 +15,9 @@ from detectron2.utils import comm
 
 from direct_pretrain.engine import DirectPretrainTrainer
 from direct_pretrain.pipeline import run_pipeline
+from direct_pretrain.utils.errors import EXIT_STATUS
 
-from conftest import fake_calibration, skip_without_cpu_multiprocess, tiny_cfg
+from conftest import ROOT, fake_calibration, skip_without_cpu_multiprocess, tiny_cfg
 
 NORM = "backbone.bottom_up.stem.conv1.norm"
 
@@ -114,3 +117,21 @@ def test_two_processes_keep_pace_together(synthetic_data, tmp_path):
     iterations = plan["paced"]["PRETRAIN"][-1]["values"]["DIRECT_PRETRAIN.PRETRAIN.MAX_ITER"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["phases"]["PRETRAIN"]["iterations"] == iterations < 100
+
+
+def test_a_refusal_in_two_processes_stops_both_with_its_reason_once_and_no_traceback(tmp_path):
+    skip_without_cpu_multiprocess(ddp=False)
+    demo = str(ROOT / "configs" / "trees" / "faster_rcnn_R_18_FPN_direct.yaml")
+    result = subprocess.run(
+        [sys.executable, "train_net.py", "--num-gpus", "2", "--config-file", demo]
+        + ["OUTPUT_DIR", str(tmp_path), "DIRECT_PRETRAIN.PIPELINE", "['FOO']"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_STATUS, output[-3000:]
+    assert output.count("Stopped: PhaseConfigError: DIRECT_PRETRAIN.PIPELINE") == 1
+    assert "terminated with exit code 2" in result.stderr
+    assert "Traceback" not in output

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
+
+from detectron2.utils import comm
 
 __all__ = ["EXIT_STATUS", "ConfigError", "UserError", "stop"]
 
@@ -23,8 +25,14 @@ class ConfigError(UserError, ValueError):
     key, a value of the wrong type)."""
 
 
-def stop(error: UserError) -> NoReturn:
+def stop(error: Exception, cleanup: Callable[[], None] | None = None) -> NoReturn:
     """Log ``error`` as the reason the command stopped (console and ``log.txt``; before the log
-    is set up, Python's last-resort handler prints it on stderr) and exit with ``EXIT_STATUS``."""
-    logging.getLogger("direct_pretrain").error("Stopped: %s: %s", type(error).__name__, error)
+    is set up, Python's last-resort handler prints it on stderr, from the main process only: the
+    others stop for the same reason), run ``cleanup`` (e.g. end the process group) and exit
+    with ``EXIT_STATUS``."""
+    logger = logging.getLogger("direct_pretrain")
+    if logger.hasHandlers() or comm.get_rank() == 0:
+        logger.error("Stopped: %s: %s", type(error).__name__, error)
+    if cleanup is not None:
+        cleanup()
     sys.exit(EXIT_STATUS)
