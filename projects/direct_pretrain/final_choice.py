@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from detectron2.utils import comm
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from .bridge import load_weights_strictly
 from .checkpoint import checksum_path
 from .config_systems import ConfigSystem
+from .data.box_ap import box_ap
 from .data.val_slice import (
     MIN_TRAIN_IMAGES,
     ValSlice,
@@ -327,16 +327,12 @@ def slice_detections(phase_folder: str | os.PathLike) -> Path:
 
 
 def _coco_ap(gt: COCO, detections: COCO | None, images: list[int]) -> float:
-    """COCO box AP (x100) of ``detections`` on ``images`` of ``gt`` (0 without detections)."""
+    """COCO box AP (x100) of ``detections`` on ``images`` of ``gt`` (0 without detections or
+    objects)."""
     if detections is None:
         return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluation = COCOeval(gt, detections, "bbox")
-        evaluation.params.imgIds = images
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return max(0.0, 100 * float(evaluation.stats[0]))
+    ap = box_ap(gt, detections, images)["AP"]
+    return 0.0 if math.isnan(ap) else ap
 
 
 def paired_jackknife(

@@ -6,9 +6,9 @@ import contextlib
 import copy
 import io
 
-import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+from ..data.box_ap import box_ap
 
 __all__ = ["coco_box_ap"]
 
@@ -31,22 +31,5 @@ def coco_box_ap(ground_truth: dict, results: list[dict], max_dets: int = 100) ->
     gt.dataset = copy.deepcopy(ground_truth)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt.createIndex()
-        dt = gt.loadRes(copy.deepcopy(results))
-        evaluator = COCOeval(gt, dt, "bbox")
-        evaluator.params.maxDets = [max_dets]
-        evaluator.evaluate()
-        evaluator.accumulate()
-    # precision[iou threshold, recall, class, area range ("all" first), max detections]
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]
-    ious = list(np.round(evaluator.params.iouThrs, 2))
-    return {
-        "AP": _mean_percent(precision),
-        "AP50": _mean_percent(precision[ious.index(0.5)]),
-        "AP75": _mean_percent(precision[ious.index(0.75)]),
-    }
-
-
-def _mean_percent(precision: np.ndarray) -> float:
-    """Mean precision in percent over the entries that exist (-1: no object annotated)."""
-    valid = precision[precision > -1]
-    return 100.0 * float(valid.mean()) if valid.size else float("nan")
+        detections = gt.loadRes(copy.deepcopy(results))
+    return box_ap(gt, detections, max_dets=max_dets)
